@@ -1,0 +1,1 @@
+"""saeforge analysis package."""

@@ -1,0 +1,1 @@
+"""saeforge sae package."""
