@@ -1,0 +1,266 @@
+"""The activation store: one Zarr v3 group per collection run (see DESIGN.md).
+
+    activations/<hook point>  [n_tokens, d_model]  float16 | float32 | bfloat16 (as a uint16 view)
+    tokens [n] int32, seq [n] int64, pos [n] int32, keep [n] bool, heldout [n] bool
+
+Writes are whole shards only (a partial shard write rewrites the shard, and two writers in one
+shard lose data). A shard is committed by raising the `n_tokens` attribute after its data is
+written, so a crash loses at most the shard in flight and a resumed run rewrites exactly that.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from collect.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+ROW_ARRAYS = {"tokens": "int32", "seq": "int64", "pos": "int32", "keep": "bool", "heldout": "bool"}
+# attributes that must match for a run to continue an existing store
+RESUME_KEYS = ("format_version", "model_hash", "hook_points", "d_model", "dtype", "context", "corpus",
+               "prepend_bos", "heldout_fraction", "shard_rows", "rank", "world_size")
+
+
+def storage_np_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 → float32 (exact: bf16 is the top half of an f32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def free_bytes(path: str) -> int | None:
+    """Free space where `path` will live; None for remote stores."""
+    if not is_local(path):
+        return None
+    p = os.path.abspath(local_path(path))
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return shutil.disk_usage(p).free
+
+
+def _open_group(path: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
+        raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
+
+
+class Store:
+    """Read-only view of a store: metadata, rows by range, chunk-aligned ranges for fast reads."""
+
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = path
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        if self.attrs.get("format") != "saeforge-activations":
+            raise UserError(f"{path!r} is not a saeforge activation store (no 'format' attribute); "
+                            f"pass a store written by `saeforge collect`")
+        self.hooks: list[str] = list(self.attrs["hook_points"])
+        self.d_model: int = int(self.attrs["d_model"])
+        self.n_tokens: int = int(self.attrs["n_tokens"])
+        self.context: int = int(self.attrs["context"])
+        self.complete: bool = bool(self.attrs["complete"])
+        self.model_spec: str = self.attrs["model"]
+        self.model_hash: str = self.attrs["model_hash"]
+        self.dtype: str = self.attrs["dtype"]
+        self.chunk_rows: int = int(self.attrs["chunk_rows"])
+        self.shard_rows: int = int(self.attrs["shard_rows"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        path = str(path)
+        if is_local(path) and not os.path.isdir(local_path(path)):
+            raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
+        return cls(_open_group(path, "r"), path)
+
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise UserError(f"hook point {hook!r} is not in store {self.path!r}; it holds {self.hooks}")
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad row range [{start}, {stop}) for a store of {self.n_tokens} rows")
+        return start, stop
+
+    def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+        """Chunk-aligned [a, b) ranges covering [start, stop): reading these is the fast path."""
+        start, stop = self._range(start, stop)
+        edges = list(range((start // self.chunk_rows) * self.chunk_rows, stop, self.chunk_rows))
+        return [(max(a, start), min(a + self.chunk_rows, stop)) for a in edges if min(a + self.chunk_rows, stop) > max(a, start)]
+
+    def raw_activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows as stored (bfloat16 comes back as its uint16 view)."""
+        self._check_hook(hook)
+        start, stop = self._range(start, stop)
+        return self.group[f"activations/{hook}"][start:stop]
+
+    def activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32 [rows, d_model]."""
+        raw = self.raw_activations(hook, start, stop)
+        if self.dtype == "bfloat16":
+            return bf16_bits_to_f32(raw)
+        return raw.astype(np.float32, copy=False)
+
+    def _rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        start, stop = self._range(start, stop)
+        return self.group[name][start:stop]
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("tokens", start, stop)
+
+    def seq(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("seq", start, stop)
+
+    def pos(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("pos", start, stop)
+
+    def keep(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("keep", start, stop)
+
+    def heldout(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("heldout", start, stop)
+
+    def split_mask(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """keep rows of one split: 'train' (not held out), 'heldout', or 'all'."""
+        keep = self.keep(start, stop)
+        if split == "all":
+            return keep
+        held = self.heldout(start, stop)
+        if split == "train":
+            return keep & ~held
+        if split == "heldout":
+            return keep & held
+        raise UserError(f"unknown split {split!r}; use train, heldout or all")
+
+
+@dataclass
+class ShardPlan:
+    """Rows per chunk (read unit) and per shard (write unit); shards hold whole sequences."""
+    chunk_rows: int
+    shard_rows: int
+
+    @classmethod
+    def for_rows(cls, context: int, row_bytes: int, shard_rows: int | None = None,
+                 chunk_bytes: int = 4 << 20, chunks_per_shard: int = 8) -> "ShardPlan":
+        if shard_rows is not None:
+            if shard_rows % context:
+                raise UserError(f"--shard-rows {shard_rows} must be a multiple of --context {context}")
+            chunk = shard_rows // chunks_per_shard if shard_rows % chunks_per_shard == 0 else shard_rows
+            return cls(chunk_rows=chunk, shard_rows=shard_rows)
+        seqs = max(1, round(chunk_bytes / (context * row_bytes)))
+        return cls(chunk_rows=seqs * context, shard_rows=seqs * context * chunks_per_shard)
+
+
+class StoreWriter:
+    """Creates or resumes a store and commits whole shards, in order, from one process."""
+
+    def __init__(self, path: str, attrs: dict[str, Any], plan: ShardPlan):
+        self.path = path
+        self.plan = plan
+        self.hooks: list[str] = list(attrs["hook_points"])
+        d, dtype = int(attrs["d_model"]), attrs["dtype"]
+        exists = (os.path.isdir(local_path(path)) and os.path.exists(os.path.join(local_path(path), "zarr.json"))) \
+            if is_local(path) else _remote_exists(path)
+        if exists:
+            self.group = zarr.open_group(path, mode="r+")
+            old = dict(self.group.attrs)
+            _check_resume(path, old, attrs)
+            self.n_committed = int(old["n_tokens"])
+            self.complete = bool(old["complete"])
+            self.attrs = old
+            for arr in self._arrays():
+                arr.resize((self.n_committed, *arr.shape[1:]))
+        else:
+            if dtype not in STORAGE_DTYPES:
+                raise UserError(f"--dtype {dtype!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
+            self.group = zarr.open_group(path, mode="w")
+            for hook in self.hooks:
+                a = self.group.create_array(f"activations/{hook}", shape=(0, d), dtype=storage_np_dtype(dtype),
+                                            chunks=(plan.chunk_rows, d), shards=(plan.shard_rows, d),
+                                            compressors=None, fill_value=0)
+                if dtype == "bfloat16":
+                    a.attrs["logical_dtype"] = "bfloat16"
+            for name, dt in ROW_ARRAYS.items():
+                self.group.create_array(name, shape=(0,), dtype=dt, chunks=(plan.chunk_rows,),
+                                        shards=(plan.shard_rows,), compressors=None, fill_value=0)
+            self.attrs = {**attrs, "format": "saeforge-activations", "format_version": FORMAT_VERSION,
+                          "n_tokens": 0, "complete": False, "chunk_rows": plan.chunk_rows,
+                          "shard_rows": plan.shard_rows}
+            self.group.attrs.update(self.attrs)
+            self.n_committed = 0
+            self.complete = False
+
+    def _arrays(self) -> list[zarr.Array]:
+        return [self.group[f"activations/{h}"] for h in self.hooks] + [self.group[n] for n in ROW_ARRAYS]
+
+    def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Write rows [start, start+n) of every array and commit them. `start` must be the
+        committed end and a shard boundary; only the final write may be shorter than a shard."""
+        n = len(rows["tokens"])
+        if start != self.n_committed or start % self.plan.shard_rows:
+            raise RuntimeError(f"write at row {start} but {self.n_committed} rows are committed "
+                               f"(shard size {self.plan.shard_rows}): writes must be whole shards in order")
+        end = start + n
+        try:
+            for hook in self.hooks:
+                arr = self.group[f"activations/{hook}"]
+                arr.resize((end, arr.shape[1]))
+                arr[start:end] = rows[hook][:n]
+            for name in ROW_ARRAYS:
+                arr = self.group[name]
+                arr.resize((end,))
+                arr[start:end] = rows[name][:n]
+            self.group.attrs["n_tokens"] = end
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"disk full while writing {self.path!r} at row {start}; free space or choose "
+                                f"another --out, then rerun the same command to resume") from None
+            raise
+        self.n_committed = end
+
+    def update_attrs(self, **kw: Any) -> None:
+        self.attrs.update(kw)
+        self.group.attrs.update(kw)
+
+    def finish(self) -> None:
+        self.update_attrs(complete=True)
+        self.complete = True
+
+
+def _remote_exists(path: str) -> bool:
+    try:
+        zarr.open_group(path, mode="r")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means "no store there yet"
+        return False
+
+
+def _check_resume(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to continue a store written by another model, hook set, d_model or layout."""
+    if old.get("format") != "saeforge-activations":
+        raise UserError(f"{path!r} exists and is not a saeforge activation store; choose another --out")
+    for key in RESUME_KEYS:
+        if key in new and key in old and old[key] != new[key]:
+            raise UserError(f"store {path!r} was written with {key}={old[key]!r} but this run has {key}={new[key]!r}; "
+                            f"use a new --out (or delete the store) to start over")
