@@ -1,0 +1,99 @@
+"""`saeforge lens`: logit lens over every layer for one prompt → terminal table, CSV, JSON, PNG heatmap."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from analysis.lens import LensResult, encode_prompt, logit_lens
+from analysis.plots import heatmap, short_label
+from collect.config import config_dict, parse_config
+from collect.errors import UserError
+from collect.model import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LensConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "model spec (alias, HF dir, .gguf, hub name)"})
+    prompt: str | None = field(default=None, metadata={"help": "the text to read through the lens"})
+    target: str | None = field(default=None, metadata={"help": "one token to track, e.g. ' Paris' (leading space)"})
+    out: str = field(default="runs/lens", metadata={"help": "output directory"})
+    top: int = field(default=5, metadata={"help": "top tokens per layer and position"})
+    position: int = field(default=-1, metadata={"help": "position shown in the per-layer table (-1 = last)"})
+    device: str = "cpu"
+    dtype: str = "float32"
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if not self.prompt:
+            raise UserError("--prompt is required, e.g. --prompt \"The capital of France is\"")
+        if self.top < 1:
+            raise UserError(f"--top {self.top} must be at least 1")
+
+
+def format_table(res: LensResult, position: int) -> str:
+    """Per-layer table at one position (top tokens, target prob and rank), then the top-1 grid."""
+    p = position % res.n_positions
+    lines = [f"logit lens at position {p} {res.tokens[p]!r} (predicting the next token)"]
+    has_t = res.target_probs is not None
+    head = f"{'layer':>5}  " + (f"{'p(target)':>10} {'rank':>6}  " if has_t else "") + "top tokens"
+    lines.append(head)
+    for li in range(res.n_layers):
+        tops = "  ".join(f"{tok!r} {float(pr):.3f}" for tok, pr in zip(res.top_tokens[li][p], res.top_probs[li, p]))
+        t = (f"{float(res.target_probs[li, p]):>10.3g} {int(res.target_ranks[li, p]):>6}  "  # type: ignore[index]
+             if has_t else "")
+        lines.append(f"{li:>5}  {t}{tops}")
+    w = 9
+    lines.append("")
+    lines.append("top-1 token per layer (rows) and position (columns)")
+    lines.append(f"{'':>5}  " + " ".join(f"{short_label(repr(tok), w):<{w}}" for tok in res.tokens))
+    for li in range(res.n_layers):
+        lines.append(f"{li:>5}  " + " ".join(f"{short_label(repr(res.top_tokens[li][q][0]), w):<{w}}"
+                                              for q in range(res.n_positions)))
+    return "\n".join(lines)
+
+
+def write_outputs(res: LensResult, out: Path, cfg: LensConfig | None = None) -> dict[str, Path]:
+    """lens.csv (one row per layer × position), lens.json, lens.png, config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "lens.csv", "json": out / "lens.json", "png": out / "lens.png"}
+    rows = res.rows()
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps(res.to_json(), indent=1))
+    cols = [f"{i}:{t}" for i, t in enumerate(res.tokens)]
+    top1 = [[res.top_tokens[li][p][0] for p in range(res.n_positions)] for li in range(res.n_layers)]
+    if res.target_probs is not None:
+        heatmap(res.target_probs, paths["png"], row_labels=[str(i) for i in range(res.n_layers)], col_labels=cols,
+                title=f"logit lens: p({res.target!r}) after each layer (text: top-1 token)",
+                cbar_label=f"p({res.target!r})", vmin=0.0, vmax=1.0, annotations=top1)
+    else:
+        heatmap(res.top_probs[..., 0], paths["png"], row_labels=[str(i) for i in range(res.n_layers)],
+                col_labels=cols, title="logit lens: top-1 token after each layer", cbar_label="p(top-1)",
+                vmin=0.0, vmax=1.0, annotations=top1)
+    if cfg is not None:
+        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+        paths["config"] = out / "config.json"
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = parse_config(LensConfig, argv, section="lens", prog="saeforge lens",
+                          description="Logit lens: the next-token distribution after every layer.")
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    n_pos = encode_prompt(lm.tokenizer, cfg.prompt).shape[1]  # type: ignore[arg-type]
+    if not -n_pos <= cfg.position < n_pos:
+        raise UserError(f"--position {cfg.position} is out of range: the prompt has {n_pos} tokens "
+                        f"(use 0..{n_pos - 1} or -1 for the last)")
+    res = logit_lens(lm.model, lm.tokenizer, cfg.prompt, target=cfg.target, top=cfg.top)  # type: ignore[arg-type]
+    paths = write_outputs(res, Path(cfg.out), cfg)
+    print(format_table(res, cfg.position))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
