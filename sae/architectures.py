@@ -31,7 +31,7 @@ class ArchConfig:
     k: int = 32  # topk / batchtopk: active latents per token
     aux_k: int | None = None  # AuxK latents (default d_in // 2)
     aux_coef: float = 1 / 32
-    l1_coef: float = 5.0  # relu: L1 weighted by decoder norm
+    l1_coef: float = 5.0  # relu: L1 weighted by decoder norm (Anthropic's λ; applied as λ/√d_in)
     l0_coef: float = 1e-3  # jumprelu: L0 penalty
     bandwidth: float = 1e-3  # jumprelu: straight-through kernel width
     init_threshold: float = 1e-3  # jumprelu
@@ -45,7 +45,7 @@ class SAEOutput:
     loss: torch.Tensor  # scalar to minimise
     terms: dict[str, torch.Tensor]  # detached scalars: fvu, aux, l1, l0_loss...
     l0: torch.Tensor  # mean active latents per row (detached)
-    fired: torch.Tensor  # bool [d_sae]: latents that fired in this batch
+    fire_counts: torch.Tensor  # int [d_sae]: rows in which each latent fired
     latents: SparseCodes | torch.Tensor  # sparse for topk-style training, dense otherwise
 
 
@@ -167,7 +167,7 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
             aux = min(n_dead / aux_k, 1.0) * (e_hat - e).pow(2).sum() / var
             loss = loss + sae.cfg.aux_coef * aux
     return SAEOutput(recon, loss, {"fvu": loss_fvu.detach(), "aux": aux.detach()},
-                     codes.l0().detach(), codes.fired(), codes)
+                     codes.l0().detach(), codes.fire_counts(), codes)
 
 
 class BatchTopKSAE(SAE):
@@ -225,10 +225,11 @@ class ReLUSAE(SAE):
         recon = f @ self.W_dec + self.b_dec
         loss_fvu = fvu(recon, x)
         l1 = (f * self.W_dec.norm(dim=1)).sum(1).mean()
-        loss = loss_fvu + self.cfg.l1_coef * l1
+        # λ is Anthropic's (inputs of norm √d, summed MSE); in our units (unit mean ‖x‖², FVU) it is λ/√d
+        loss = loss_fvu + self.cfg.l1_coef / math.sqrt(self.cfg.d_in) * l1
         active = f.detach() > 0
         return SAEOutput(recon, loss, {"fvu": loss_fvu.detach(), "l1": l1.detach()},
-                         active.sum(1).float().mean(), active.any(0), f)
+                         active.sum(1).float().mean(), active.sum(0), f)
 
 
 def _rect(u: torch.Tensor) -> torch.Tensor:
@@ -297,7 +298,7 @@ class JumpReLUSAE(SAE):
         loss = loss_fvu + self.cfg.l0_coef * l0
         active = f.detach() > 0
         return SAEOutput(recon, loss, {"fvu": loss_fvu.detach(), "l0_loss": l0.detach()},
-                         active.sum(1).float().mean(), active.any(0), f)
+                         active.sum(1).float().mean(), active.sum(0), f)
 
     def _fold_extra(self, scale: float) -> None:
         self.log_threshold -= math.log(scale)

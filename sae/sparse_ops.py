@@ -50,11 +50,9 @@ class SparseCodes:
         """Mean number of non-zero latents per row."""
         return (self.vals != 0).sum().float() / max(self.n_rows, 1)
 
-    def fired(self) -> torch.Tensor:
-        """Bool [d_sae]: latents with a non-zero activation in this batch."""
-        out = torch.zeros(self.d_sae, dtype=torch.bool, device=self.cols.device)
-        out[self.cols[self.vals.detach() != 0]] = True
-        return out
+    def fire_counts(self) -> torch.Tensor:
+        """Int [d_sae]: in how many rows each latent is non-zero."""
+        return torch.bincount(self.cols[self.vals.detach() != 0], minlength=self.d_sae)
 
 
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""The `saeforge train` config: one dataclass, TOML section [train] < command-line flags.
+
+A sweep is written with list values (`--k 16,32 --expansion 8,16`, or `k = [16, 32]` in TOML):
+every combination of arch × k × expansion × lr is trained from one pass over the data.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from collect.errors import UserError
+from sae.architectures import ARCHITECTURES, ArchConfig
+
+WANDB_MODES = ("online", "offline", "disabled")
+# fields that may change between an interrupted run and its --resume (they do not affect weights)
+RESUMABLE_CHANGES = frozenset({"resume", "quiet", "wandb", "wandb_project", "device", "threads",
+                               "checkpoint_every", "log_every", "eval_every", "eval_rows", "buffer_rows"})
+
+
+def _f(default, help: str):  # noqa: A002 - mirrors dataclasses.field's metadata use
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    store: str = _f("", "activation store (.zarr) written by `saeforge collect`")
+    hook: str = _f("", "hook point to train on (default: the store's only hook)")
+    out: str = _f("sae_out", "output SAE directory (one sub-directory per SAE in a sweep)")
+    arch: list[str] = _f(["topk"], f"architecture(s): {', '.join(ARCHITECTURES)}")
+    k: list[int] = _f([32], "active latents per token (topk, batchtopk); a list makes a sweep")
+    expansion: list[int] = _f([8], "d_sae = expansion × d_in; a list makes a sweep")
+    lr: list[float] = _f([], "learning rate(s); default 2e-4/sqrt(d_sae/16384)")
+    tokens: int = _f(2_000_000, "training tokens")
+    batch_size: int = _f(4096, "tokens per step")
+    seed: int = _f(0, "seed for initialisation and data order")
+    device: str = _f("cpu", "cpu or cuda[:i]")
+    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
+    resume: bool = _f(False, "continue the interrupted run in --out exactly")
+    quiet: bool = _f(False, "no progress bar")
+    wandb: str = _f("offline", "wandb mode: online, offline (runs land in ./wandb) or disabled")
+    wandb_project: str = _f("saeforge", "wandb project")
+    checkpoint_every: int = _f(1_000_000, "tokens between checkpoints (0: only on interrupt)")
+    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
+    warmup_steps: int = _f(1000, "linear lr warm-up steps (capped at 10% of the run)")
+    decay_fraction: float = _f(0.2, "linear lr decay to 0 over this final fraction of steps")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    aux_k: int = _f(0, "AuxK latents (0: d_in/2)")
+    aux_coef: float = _f(1 / 32, "AuxK loss coefficient")
+    l1_coef: float = _f(5.0, "relu: L1 coefficient (L1 weighted by decoder norm)")
+    l0_coef: float = _f(1e-3, "jumprelu: L0 coefficient")
+    scale_sample: int = _f(65536, "rows used to estimate the input scale and b_dec")
+    init_b_dec: str = _f("median", "b_dec initialisation: median (geometric) or mean")
+    buffer_rows: int = _f(1 << 17, "rows in the in-RAM shuffle buffer")
+    log_every: int = _f(10, "steps between wandb metric logs")
+    eval_every: int = _f(200, "steps between held-out evaluations and latent-density histograms")
+    eval_rows: int = _f(8192, "held-out rows for evaluation")
+
+    def validate(self) -> None:
+        if not self.store:
+            raise UserError("no store given; pass --store PATH.zarr (written by `saeforge collect`)")
+        for a in self.arch:
+            if a not in ARCHITECTURES:
+                raise UserError(f"--arch {a!r} is unknown; choose from {', '.join(ARCHITECTURES)}")
+        if not self.arch or not self.k or not self.expansion:
+            raise UserError("--arch, --k and --expansion need at least one value")
+        for name in ("k", "expansion"):
+            for v in getattr(self, name):
+                if v < 1:
+                    raise UserError(f"--{name} {v} must be a positive integer")
+        for v in self.lr:
+            if not 0 < v < 1:
+                raise UserError(f"--lr {v} is out of range; use e.g. 2e-4")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 2")
+        if self.tokens < self.batch_size:
+            raise UserError(f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size})")
+        if self.wandb not in WANDB_MODES:
+            raise UserError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
+        if self.init_b_dec not in ("median", "mean"):
+            raise UserError(f"--init-b-dec {self.init_b_dec!r}: use median or mean")
+        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+            raise UserError(f"--device {self.device!r}: use cpu or cuda")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+@dataclass
+class SweepMember:
+    """One SAE of a (possibly one-element) sweep."""
+    name: str
+    arch: ArchConfig
+    lr: float
+
+
+def default_lr(d_sae: int) -> float:
+    """sparsify's rule: 2e-4 scaled by 1/sqrt(d_sae / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 16384)
+
+
+def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
+    """Every distinct arch × k × expansion × lr combination (k is ignored for relu/jumprelu)."""
+    out: list[SweepMember] = []
+    seen: set[tuple] = set()
+    lrs: list[float | None] = list(cfg.lr) or [None]
+    for arch, k, exp, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, lrs):
+        uses_k = arch in ("topk", "batchtopk")
+        key = (arch, k if uses_k else None, exp, lr)
+        if key in seen:
+            continue
+        seen.add(key)
+        d_sae = exp * d_in
+        a = ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if uses_k else 0, aux_k=cfg.aux_k or d_in // 2,
+                       aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
+        real_lr = default_lr(d_sae) if lr is None else lr
+        name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if lr is not None else "")
+        out.append(SweepMember(name, a, real_lr))
+    return out

@@ -1,0 +1,78 @@
+"""The SAE directory (DESIGN.md): `sae.safetensors` + `cfg.json`; it takes raw activations.
+
+    from sae.io import load_sae
+    sae = load_sae("sae_out")            # nn.Module
+    f = sae.encode(x)                    # raw activations [..., d_in] -> latents [..., d_sae]
+    x_hat = sae.decode(f)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from collect.errors import UserError
+from sae.architectures import SAE, ArchConfig, build_sae
+
+WEIGHTS = "sae.safetensors"
+CONFIG = "cfg.json"
+
+
+def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    """The file-format tensors (W_enc as [d_in, d_sae])."""
+    t = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.saves_threshold:
+        t["threshold"] = sae.threshold
+    return {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
+
+
+def save_sae(sae: SAE, out_dir: str | os.PathLike, scale: float = 1.0, meta: dict[str, Any] | None = None) -> Path:
+    """Write an SAE trained on activations×scale so that the saved one takes raw activations."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folded = copy.deepcopy(sae).cpu()
+    if scale != 1.0:
+        folded.fold_input_scale(scale)
+    save_file(sae_tensors(folded), str(out / (WEIGHTS + ".tmp")))
+    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
+    a = sae.cfg
+    cfg = {"architecture": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "k": a.k if a.arch in ("topk", "batchtopk") else None,
+           "normalization": {"method": "unit_mean_squared_norm", "scale": scale, "folded_into_weights": True},
+           "arch_config": asdict(a), **(meta or {})}
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    return out
+
+
+def read_cfg(sae_dir: str | os.PathLike) -> dict[str, Any]:
+    d = Path(sae_dir)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise UserError(f"{str(sae_dir)!r} is not an SAE directory (needs {CONFIG} and {WEIGHTS}); "
+                        f"pass the --out of a finished `saeforge train`")
+    return json.loads((d / CONFIG).read_text())
+
+
+def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Rebuild the SAE module from a directory written by `save_sae` (eval mode, raw-activation units)."""
+    cfg = read_cfg(sae_dir)
+    known = {f.name for f in fields(ArchConfig)}
+    arch = ArchConfig(**{k: v for k, v in cfg.get("arch_config", {}).items() if k in known}) if "arch_config" in cfg \
+        else ArchConfig(arch=cfg["architecture"], d_in=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg.get("k") or 0)
+    sae = build_sae(arch)
+    t = load_file(str(Path(sae_dir) / WEIGHTS))
+    with torch.no_grad():
+        sae.enc.copy_(t["W_enc"].t())
+        sae.b_enc.copy_(t["b_enc"])
+        sae.W_dec.copy_(t["W_dec"])
+        sae.b_dec.copy_(t["b_dec"])
+        if sae.saves_threshold:
+            if arch.arch == "jumprelu":
+                sae.log_threshold.copy_(t["threshold"].clamp_min(1e-30).log())
+            else:
+                sae.threshold.copy_(t["threshold"])
+    return sae.to(device).eval()
