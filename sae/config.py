@@ -119,6 +119,6 @@ def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
         a = ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if uses_k else 0, aux_k=cfg.aux_k or d_in // 2,
                        aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
         real_lr = default_lr(d_sae) if lr is None else lr
-        name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if lr is not None else "")
+        name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if len(lrs) > 1 else "")
         out.append(SweepMember(name, a, real_lr))
     return out

@@ -187,6 +187,9 @@ class Trainer:
         else:
             self._init_fresh()
         heldout = torch.from_numpy(heldout_rows(self.store, cfg.hook, cfg.eval_rows)).to(self.device) * self.scale
+        if not torch.isfinite(heldout).all():
+            raise UserError(f"store {cfg.store!r} hook {cfg.hook!r} has NaN/inf activations in held-out rows; "
+                            f"recollect it (e.g. with --dtype float32)")
         if len(heldout) == 0:
             log.warning("store %s has no held-out rows: held-out metrics are skipped", cfg.store)
         loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.seed, position=self.position,
