@@ -1,0 +1,269 @@
+"""Where steering directions come from: an SAE latent's decoder row, add/sub prompts read at a source
+layer (ActAdd), the mean difference over contrastive pairs (CAA), or the first principal component of
+the pair differences (repeng-style PCA).
+
+A `SteeringVector` maps hook points to directions: `[d_model]` (added at every selected position) or
+`[n_pos, d_model]` (ActAdd per-position: row p is added at absolute position p).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from collect.errors import UserError
+from collect.hooks import forward_to
+from collect.layers import discover_layout, resolve_hook_point
+
+log = logging.getLogger(__name__)
+
+READS = ("last", "mean", "per_position")
+# The first token of any text is an attention sink whose residual norm is 5-200× that of the others
+# (SmolLM2: ~800 vs ~100 at layer 6), whatever the token. Prompts are read after this one-token prefix
+# so that "Love" is read as a word, not as a sink; the prefix's own positions are dropped ("last",
+# "mean") or kept as zero rows ("per_position": add and sub share it, so its difference is zero).
+READ_PREFIX = "\n"
+
+
+@dataclass
+class SteeringVector:
+    """Directions per hook point plus where they came from.
+
+    `meta` carries: source (a one-line description), model, source_point, d_model, coeff (the
+    coefficient the user chose), norm_scale (typical residual norm at the inject point, for relative
+    coefficients) and anything else JSON-able."""
+    directions: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def points(self) -> list[str]:
+        return list(self.directions)
+
+    @property
+    def d_model(self) -> int:
+        return int(next(iter(self.directions.values())).shape[-1])
+
+    def per_position(self) -> bool:
+        return any(v.ndim == 2 for v in self.directions.values())
+
+
+def canonical_point(model: torch.nn.Module, layer: str | int, site: str = "resid_post") -> str:
+    """`6` → `layers.6.resid_post`; a full hook point is resolved (negative indices allowed)."""
+    text = str(layer).strip()
+    if text.lstrip("-").isdigit():
+        text = f"layers.{text}.{site}"
+    return resolve_hook_point(discover_layout(model), text).name
+
+
+# ---- SAE latent ---------------------------------------------------------------------------------
+
+def _sae_files(sae_dir: str | Path) -> tuple[Path, dict]:
+    d = Path(sae_dir)
+    wf = d / "sae.safetensors"
+    if not wf.is_file():
+        raise UserError(f"--sae {str(sae_dir)!r}: no sae.safetensors in that directory; pass a directory "
+                        f"written by `saeforge train`")
+    cfg_path = d / "cfg.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return wf, cfg
+
+
+def sae_latent_direction(sae_dir: str | Path, latent: int) -> tuple[torch.Tensor, dict]:
+    """The decoder row `W_dec[latent]` of an SAE directory and its cfg.json (hook_point, d_in, model)."""
+    from safetensors.torch import load_file
+    wf, cfg = _sae_files(sae_dir)
+    w = load_file(str(wf))
+    if "W_dec" not in w:
+        raise UserError(f"--sae {str(sae_dir)!r}: sae.safetensors has no W_dec tensor (found {sorted(w)})")
+    n = w["W_dec"].shape[0]
+    if not 0 <= latent < n:
+        raise UserError(f"--latent {latent} is out of range: this SAE has {n} latents (use 0..{n - 1})")
+    return w["W_dec"][latent].float().clone(), cfg
+
+
+@dataclass
+class SaeLatent:
+    """What `clamp` needs to read one latent's activation a(x) and write along its decoder row."""
+    w_enc: torch.Tensor          # [d_in] encoder column of the latent
+    b_enc: float
+    b_dec: torch.Tensor          # [d_in]
+    d_dec: torch.Tensor          # [d_in] decoder row
+    threshold: float | None = None   # JumpReLU
+    k: int | None = None             # TopK: the latent is active only if it is among the k largest
+    W_enc_full: torch.Tensor | None = None  # [d_in, d_sae], needed for TopK
+    b_enc_full: torch.Tensor | None = None
+    index: int = 0
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """a(x) for `x [..., d_in]` → `[...]`."""
+        xc = x - self.b_dec.to(x)
+        pre = xc @ self.w_enc.to(x) + self.b_enc
+        if self.k is not None and self.W_enc_full is not None:
+            all_pre = xc @ self.W_enc_full.to(x) + self.b_enc_full.to(x)
+            kth = all_pre.topk(self.k, dim=-1).values[..., -1]
+            return torch.where(pre >= kth, pre.clamp_min(0), torch.zeros_like(pre))
+        if self.threshold is not None:
+            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        return pre.clamp_min(0)
+
+
+def load_sae_latent(sae_dir: str | Path, latent: int) -> tuple[SaeLatent, dict]:
+    """Encoder/decoder weights of one latent from the raw SAE files (no dependency on sae/ code)."""
+    from safetensors.torch import load_file
+    wf, cfg = _sae_files(sae_dir)
+    w = load_file(str(wf))
+    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in w]
+    if missing:
+        raise UserError(f"--sae {str(sae_dir)!r}: sae.safetensors lacks {missing}; clamping needs the encoder")
+    d_dec, _ = sae_latent_direction(sae_dir, latent)
+    arch = str(cfg.get("architecture", "")).lower()
+    k = cfg.get("k") if "topk" in arch or (arch == "" and cfg.get("k")) else None
+    thr = w.get("threshold")
+    lat = SaeLatent(w_enc=w["W_enc"][:, latent].float(), b_enc=float(w["b_enc"][latent]), b_dec=w["b_dec"].float(),
+                    d_dec=d_dec, threshold=None if thr is None else float(thr.reshape(-1)[latent] if thr.numel() > 1 else thr),
+                    k=int(k) if k else None, index=latent)
+    if lat.k is not None:
+        lat.W_enc_full, lat.b_enc_full = w["W_enc"].float(), w["b_enc"].float()
+    return lat, cfg
+
+
+def from_sae(model: torch.nn.Module | None, sae_dir: str | Path, latent: int,
+             layers: list[str] | None = None) -> SteeringVector:
+    """A steering vector from one SAE latent's decoder row, injected at the SAE's hook point by default."""
+    vec, cfg = sae_latent_direction(sae_dir, latent)
+    hp = cfg.get("hook_point")
+    if model is not None and hp:
+        hp = canonical_point(model, hp)
+    points = layers or ([hp] if hp else None)
+    if not points:
+        raise UserError(f"--sae {str(sae_dir)!r}: cfg.json names no hook_point; pass --layer")
+    if model is not None:
+        d = _d_model(model)
+        if vec.shape[-1] != d:
+            raise UserError(f"--sae {str(sae_dir)!r}: d_in {vec.shape[-1]} does not match the model's d_model {d}; "
+                            f"use an SAE trained on this model")
+    return SteeringVector({p: vec for p in points},
+                          {"source": f"sae:{sae_dir}#{latent}", "source_point": hp, "sae_model": cfg.get("model")})
+
+
+def _d_model(model: torch.nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[-1])
+
+
+# ---- prompts: ActAdd and CAA ---------------------------------------------------------------------
+
+@torch.no_grad()
+def read_activations(model: torch.nn.Module, tokenizer, texts: list[str], point: str, read: str = "last",
+                     prefix: str | None = READ_PREFIX) -> list[torch.Tensor]:
+    """Activations at `point` for each text, one forward per text (no padding to get wrong).
+
+    read: "last" → [d]; "mean" → mean over the text's tokens [d]; "per_position" → [n_prefix + n_tokens, d]
+    (the prefix rows included, so row p is the activation at absolute position p)."""
+    if read not in READS:
+        raise UserError(f"--read {read!r} is not known; use one of {list(READS)}")
+    out = []
+    dev = next(model.parameters()).device
+    for t in texts:
+        pre = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+        body = tokenizer(t).input_ids
+        if not body:
+            raise UserError(f"prompt {t!r} has no tokens; pass a non-empty prompt")
+        ids = torch.tensor([pre + body], device=dev)
+        a = forward_to(model, ids, point)[point][0].float()
+        out.append(a[-1] if read == "last" else a[len(pre):].mean(0) if read == "mean" else a)
+    return out
+
+
+def actadd(model: torch.nn.Module, tokenizer, add: list[str] | str, sub: list[str] | str, source: str,
+           layers: list[str] | None = None, read: str = "last") -> SteeringVector:
+    """ActAdd: Σ act(add) − Σ act(sub) read at `source`, injected at `layers` (default: the source).
+
+    read="per_position" keeps one row per token (shorter prompts padded with zeros), as the
+    llama.cpp steering branch did: row p is added at absolute position p."""
+    add = [add] if isinstance(add, str) else list(add)
+    sub = [sub] if isinstance(sub, str) else list(sub)
+    if not add and not sub:
+        raise UserError("ActAdd needs --add and/or --sub prompts")
+    pos = read_activations(model, tokenizer, add, source, read)
+    neg = read_activations(model, tokenizer, sub, source, read)
+    if read == "per_position":
+        n = max(a.shape[0] for a in pos + neg)
+        d = (pos + neg)[0].shape[-1]
+        vec = torch.zeros(n, d)
+        for a in pos:
+            vec[:a.shape[0]] += a
+        for a in neg:
+            vec[:a.shape[0]] -= a
+    else:
+        vec = sum(pos, torch.zeros(_d_model(model))) - sum(neg, torch.zeros(_d_model(model)))
+    points = layers or [source]
+    return SteeringVector({p: vec.clone() for p in points},
+                          {"source": f"actadd:+{add}-{sub}", "source_point": source, "read": read})
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """JSONL with "positive" and "negative" string fields, one pair per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--pairs {str(path)!r} not found; pass a JSONL file with \"positive\"/\"negative\" fields")
+    pairs = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["positive"]), str(row["negative"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"--pairs {str(path)!r} line {n} is not a JSON object with \"positive\" and "
+                            f"\"negative\" fields: {line[:80]!r}")
+    if not pairs:
+        raise UserError(f"--pairs {str(path)!r} holds no pairs; add lines like "
+                        '{"positive": "I love it", "negative": "I hate it"}')
+    return pairs
+
+
+def pair_differences(model, tokenizer, pairs: list[tuple[str, str]], point: str, read: str = "last") -> torch.Tensor:
+    """`[n_pairs, d]` activation differences positive − negative at `point`."""
+    if read == "per_position":
+        raise UserError("--read per_position is for --add/--sub; contrastive pairs use last or mean")
+    pos = read_activations(model, tokenizer, [p for p, _ in pairs], point, read)
+    neg = read_activations(model, tokenizer, [n for _, n in pairs], point, read)
+    return torch.stack(pos) - torch.stack(neg)
+
+
+def caa(model, tokenizer, pairs: list[tuple[str, str]] | str | Path, source: str, layers: list[str] | None = None,
+        read: str = "last", method: str = "mean") -> SteeringVector:
+    """Contrastive activation addition: the mean of positive − negative over pairs (method="mean"),
+    or the first principal component of the differences scaled to their mean projection ("pca")."""
+    src = str(pairs) if isinstance(pairs, (str, Path)) else f"{len(pairs)} pairs"
+    if isinstance(pairs, (str, Path)):
+        pairs = read_pairs(pairs)
+    diffs = pair_differences(model, tokenizer, pairs, source, read)
+    if method == "mean":
+        vec = diffs.mean(0)
+    elif method == "pca":
+        vec = pca_direction(diffs)
+    else:
+        raise UserError(f"--method {method!r} is not known; use mean or pca")
+    points = layers or [source]
+    return SteeringVector({p: vec.clone() for p in points},
+                          {"source": f"{'caa' if method == 'mean' else 'pca'}:{src}", "source_point": source,
+                           "read": read, "n_pairs": len(pairs)})
+
+
+def pca_direction(diffs: torch.Tensor) -> torch.Tensor:
+    """First principal component of the differences, uncentred (as PCA over ±differences, which is what
+    repeng's pca_diff sees), signed so that the differences project positively on average and scaled by
+    that mean projection (so its size is comparable to the mean difference)."""
+    if diffs.shape[0] < 2:
+        return diffs.mean(0)
+    _, _, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
+    pc = vh[0].float()
+    proj = diffs @ pc
+    if proj.mean() < 0:
+        pc, proj = -pc, -proj
+    return pc * proj.mean()
