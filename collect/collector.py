@@ -207,6 +207,7 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
     buf = bg.take_buffer()
     pos_row = np.arange(cfg.context, dtype=np.int32)
     pending: tuple | None = (first, ids0, acts0)
+    t_loop = time.perf_counter() - dt0  # the first batch's forward counts as loop time
     try:
         while pending is not None or (target_rows is None or row < target_rows):
             if pending is None:
@@ -265,6 +266,7 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
     bar.close()
     writer.finish()
     elapsed = time.perf_counter() - t_start
-    writer.update_attrs(collect_seconds=round(elapsed, 2))
+    writer.update_attrs(collect_seconds=round(elapsed, 2), loop_seconds=round(time.perf_counter() - t_loop, 3),
+                        loop_tokens=writer.n_committed - start_row)
     log.info("store %s complete: %s tokens in %.1f s", cfg.out, f"{writer.n_committed:,}", elapsed)
     return Store.open(cfg.out)
