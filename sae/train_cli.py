@@ -1,0 +1,28 @@
+"""`saeforge train [CONFIG.toml] --store S.zarr --hook H --arch topk --k 32 --expansion 8 …`.
+
+List values (`--k 16,32`) train a sweep of SAEs from one pass over the data.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from collect.config import parse_config
+from sae.config import TrainConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = parse_config(TrainConfig, argv, section="train", prog="saeforge train",
+                          description="train sparse autoencoders on an activation store")
+    from sae.trainer import train
+    res = train(cfg)
+    if res.interrupted:
+        print(f"interrupted after {res.tokens:,} tokens; checkpoint in {cfg.out}. "
+              f"Continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    for path, (name, m) in zip(res.out_dirs, res.metrics.items()):
+        fvu = m.get("heldout_fvu", float("nan"))
+        print(f"{path}: held-out FVU {fvu:.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
+              f"dead {m.get('heldout_dead_fraction', float('nan')):.3f}")
+    print(f"{res.tokens:,} tokens at {res.tokens_per_s:,.0f} tokens/s")
+    return 0

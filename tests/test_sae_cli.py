@@ -1,0 +1,98 @@
+"""`saeforge train` and `saeforge export` end to end (in-process), errors, and SAELens loading."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collect.cli import dispatch
+from sae.io import load_sae
+from sae.synthetic import synthetic_rows, write_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(str(tmp_path_factory.mktemp("cli") / "s.zarr"), n_tokens=8192, d=16,
+                                 n_features=64, active=3, context=64, shard_rows=1024)
+
+
+def _train(store, out, *extra):
+    return dispatch(["train", "--store", store.path, "--out", str(out), "--k", "3", "--expansion", "4",
+                     "--tokens", "5120", "--batch-size", "256", "--quiet", "--scale-sample", "2048", *extra])
+
+
+def test_train_cli_writes_sae_and_wandb_offline_run(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _train(store, tmp_path / "o", "--wandb", "offline", "--eval-every", "5") == 0
+    assert "held-out FVU" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "o" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 3 and cfg["config"]["wandb"] == "offline"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "no offline wandb run in ./wandb"
+
+
+def test_train_cli_toml_and_sweep(store, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('[train]\narch = ["topk", "relu"]\nk = [2, 3]\nwandb = "disabled"\n')
+    assert dispatch(["train", str(conf), "--store", store.path, "--out", str(tmp_path / "sw"), "--tokens", "2048",
+                     "--batch-size", "256", "--quiet", "--scale-sample", "2048"]) == 0
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["relu_x8", "topk_k2_x8", "topk_k3_x8"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--hook", "layers.2.attn_out"], "layers.2.attn_out"),
+    (["--wandb", "sometimes"], "--wandb"),
+    (["--arch", "gated"], "gated"),
+    (["--batch-size", "100000", "--tokens", "100000"], "fewer than one batch"),
+])
+def test_train_cli_user_errors_exit_2(store, tmp_path, capsys, args, msg):
+    assert _train(store, tmp_path / "e", "--wandb", "disabled", *args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("tr")
+    for arch in ("topk", "batchtopk", "relu", "jumprelu"):
+        assert _train(store, root / arch, "--arch", arch, "--wandb", "disabled") == 0
+        out[arch] = root / arch
+    return out
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_export_saelens_format(trained, tmp_path, arch):
+    assert dispatch(["export", str(trained[arch]), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    for key in ("d_in", "d_sae", "architecture", "dtype", "device", "apply_b_dec_to_input",
+                "normalize_activations", "metadata"):
+        assert key in cfg, key
+    assert cfg["metadata"]["hook_name"] == "layers.0.resid_post" and cfg["normalize_activations"] == "none"
+    w = load_file(tmp_path / "sl" / "sae_weights.safetensors")
+    assert w["W_enc"].shape == (16, 64) and w["W_dec"].shape == (64, 16)
+    if cfg["architecture"] == "topk":
+        assert cfg["k"] == 3
+    if cfg["architecture"] == "jumprelu":
+        assert w["threshold"].shape == (64,)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_saelens_loads_export_with_same_encode_decode(trained, tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    assert dispatch(["export", str(trained[arch]), "--out", str(tmp_path / "sl")]) == 0
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"), device="cpu")
+    ours = load_sae(trained[arch])
+    x = torch.from_numpy(synthetic_rows(256, 16, 64, 3, seed=5)) * 3
+    with torch.no_grad():
+        f_ours, f_theirs = ours.encode(x), theirs.encode(x)
+        assert torch.allclose(f_ours, f_theirs, atol=1e-5)
+        assert torch.allclose(ours.decode(f_ours), theirs.decode(f_theirs), atol=1e-5)
+
+
+def test_export_errors(tmp_path, capsys):
+    assert dispatch(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not an SAE directory" in capsys.readouterr().err
+    (tmp_path / "d").mkdir()
+    assert dispatch(["export", str(tmp_path / "d"), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
