@@ -1,0 +1,482 @@
+"""Feature statistics: one streaming pass over an activation store, encoding with an SAE.
+
+    from analysis.features import feature_stats
+    stats = feature_stats(sae, store, hook, split="heldout", top=20)
+    stats.max_act[i], stats.density[i], stats.top_rows[i], stats.top_windows(i) ...
+
+Memory stays bounded: the store is read chunk by chunk into sequence-aligned blocks (a sequence
+never straddles two blocks, so a ±`window` context is always inside the block that holds its
+centre), each block is encoded into sparse (row, latent, value) triples, and the per-latent
+state is a few fixed-size buffers:
+
+- counts, sums and maxima per latent (density = fraction of counted rows where the latent fires);
+- the top-N activations per latent with their store rows, ±window tokens and the latent's values
+  on those tokens (a running merge: the block's best N candidates per latent, found by sorting
+  triples by (latent, −value), are concatenated to the kept N and `torch.topk` keeps N);
+- a uniform reservoir sample of each latent's non-zero activations (the same merge keyed by a
+  random priority), from which examples per activation quantile are drawn at the end;
+- an exact activation histogram per latent over [0, upper) where `upper` is a power of two
+  ≥ the running max: when the max grows, bins merge exactly (bin j → j >> t).
+
+Windows are only built for entries that enter a top buffer, so the cost per block after warm-up
+is the encoder matmul plus O(nnz log nnz) bookkeeping. Rows outside the chosen split (BOS,
+outliers, or the other split) are not encoded; their values in a context window read 0.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from collect.errors import UserError
+from collect.progress import progress
+from collect.store import Store
+
+log = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+
+
+# ---- sparse encoding ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_triples(sae: torch.nn.Module, x: torch.Tensor, batch: int = 1024
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero latents of rows `x` [n, d_in] as (row, latent, value) triples, row-major.
+
+    TopK SAEs take the k largest ReLU pre-activations directly (what `encode` does, without
+    scattering into a dense [n, d_sae] matrix); other architectures encode `batch` rows at a time
+    and keep the non-zeros."""
+    rows, lats, vals = [], [], []
+    arch = getattr(getattr(sae, "cfg", None), "arch", None)
+    for a in range(0, x.shape[0], batch):
+        xb = x[a:a + batch]
+        if arch == "topk":
+            pre = F.relu(sae.pre_acts(xb))
+            v, idx = pre.topk(sae.cfg.k, dim=1, sorted=False)
+            r = torch.arange(a, a + xb.shape[0], device=x.device).unsqueeze(1).expand_as(idx)
+            keep = v > 0
+            rows.append(r[keep])
+            lats.append(idx[keep])
+            vals.append(v[keep])
+        else:
+            f = sae.encode(xb)
+            nz = f.nonzero()
+            rows.append(nz[:, 0] + a)
+            lats.append(nz[:, 1])
+            vals.append(f[nz[:, 0], nz[:, 1]])
+    if not rows:
+        e = torch.empty(0, dtype=torch.int64, device=x.device)
+        return e, e, torch.empty(0, device=x.device)
+    return torch.cat(rows), torch.cat(lats), torch.cat(vals).float()
+
+
+# ---- the per-latent state ----------------------------------------------------------------------
+
+def _per_latent_best(lat: torch.Tensor, key: torch.Tensor, n: int, d_sae: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of each latent's `n` largest keys among the triples: (triple idx, latent, rank)."""
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(lat[order], stable=True)]
+    lat_s = lat[order]
+    counts = torch.bincount(lat_s, minlength=d_sae)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(lat_s.numel(), device=lat.device) - starts[lat_s]
+    sel = rank < n
+    return order[sel], lat_s[sel], rank[sel]
+
+
+@dataclass
+class TopBuffer:
+    """Per-latent best `n` entries by `key`, each with a value, a store row and a context window."""
+    d_sae: int
+    n: int
+    width: int
+    key: torch.Tensor = field(init=False)
+    val: torch.Tensor = field(init=False)
+    row: torch.Tensor = field(init=False)
+    tok: torch.Tensor = field(init=False)
+    win: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        d, n, w = self.d_sae, self.n, self.width
+        self.key = torch.full((d, n), NEG_INF)
+        self.val = torch.zeros(d, n)
+        self.row = torch.full((d, n), -1, dtype=torch.int64)
+        self.tok = torch.full((d, n, w), -1, dtype=torch.int32)
+        self.win = torch.zeros(d, n, w)
+
+    def merge(self, lat: torch.Tensor, key: torch.Tensor, block: "Block", tri_rows: torch.Tensor,
+              tri_vals: torch.Tensor) -> None:
+        """Merge candidate triples (keys per triple) into the buffer; windows only for winners."""
+        d, n = self.d_sae, self.n
+        idx, l_sel, rank = _per_latent_best(lat, key, n, d)
+        cand_key = torch.full((d, n), NEG_INF)
+        cand_key[l_sel, rank] = key[idx]
+        cand_idx = torch.full((d, n), -1, dtype=torch.int64)
+        cand_idx[l_sel, rank] = idx
+        new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)
+        from_new = (pos >= n) & (new_key > NEG_INF)  # empty candidate slots never enter
+        # latents whose buffer changed: only those rows are rewritten
+        changed = from_new.any(1).nonzero().squeeze(1)
+        if changed.numel() == 0:
+            return
+        p = pos[changed]
+        fn = from_new[changed]
+        old_p = p.clamp(max=n - 1)  # an empty new slot lands on an empty old slot (the buffer was not full)
+        val = self.val[changed].gather(1, old_p)
+        row = self.row[changed].gather(1, old_p)
+        tok = self.tok[changed].gather(1, old_p.unsqueeze(2).expand(-1, -1, self.width))
+        win = self.win[changed].gather(1, old_p.unsqueeze(2).expand(-1, -1, self.width))
+        t = cand_idx[changed].gather(1, (p - n).clamp(min=0))[fn]  # triple index of each new winner
+        local = tri_rows[t]
+        val[fn] = tri_vals[t]
+        row[fn] = block.rows[local]
+        wt, wv = block.windows(local, lat[t], self.width // 2)
+        tok[fn] = wt
+        win[fn] = wv
+        self.key[changed] = new_key[changed]
+        self.val[changed] = val
+        self.row[changed] = row
+        self.tok[changed] = tok
+        self.win[changed] = win
+
+
+class Block:
+    """A sequence-aligned run of store rows: tokens, seq and the encoded triples of its split rows."""
+
+    def __init__(self, rows: np.ndarray, tokens: np.ndarray, seq: np.ndarray, d_sae: int,
+                 tri_rows: torch.Tensor, tri_lats: torch.Tensor, tri_vals: torch.Tensor):
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        self.tokens = torch.from_numpy(tokens.astype(np.int32))
+        self.seq = torch.from_numpy(seq.astype(np.int64))
+        self.d_sae = d_sae
+        self.tri_rows, self.tri_lats, self.tri_vals = tri_rows, tri_lats, tri_vals
+        self._keys: torch.Tensor | None = None
+        self._order: torch.Tensor | None = None
+
+    def windows(self, local: torch.Tensor, lat: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [m, 2h+1] (−1 outside the sequence) and the latent's values on them (0 where unset)."""
+        if self._keys is None:
+            keys = self.tri_rows * self.d_sae + self.tri_lats
+            self._keys, self._order = keys.sort()
+        offs = torch.arange(-half, half + 1)
+        rr = local.unsqueeze(1) + offs
+        inside = (rr >= 0) & (rr < self.rows.numel())
+        rc = rr.clamp(0, self.rows.numel() - 1)
+        inside &= self.seq[rc] == self.seq[local].unsqueeze(1)
+        tok = torch.where(inside, self.tokens[rc], torch.full_like(rc, -1, dtype=torch.int32))
+        want = rc * self.d_sae + lat.unsqueeze(1)
+        at = torch.searchsorted(self._keys, want.reshape(-1)).clamp(max=max(self._keys.numel() - 1, 0))
+        if self._keys.numel():
+            hit = (self._keys[at] == want.reshape(-1)).reshape(rc.shape) & inside
+            v = self.tri_vals[self._order[at]].reshape(rc.shape)
+            win = torch.where(hit, v, torch.zeros_like(v))
+        else:
+            win = torch.zeros(rc.shape)
+        return tok, win
+
+
+class Histogram:
+    """Exact per-latent histograms of non-zero activations over [0, upper), upper a power of two."""
+
+    def __init__(self, d_sae: int, bins: int):
+        self.bins = bins
+        self.counts = torch.zeros(d_sae, bins, dtype=torch.int64)
+        self.upper = torch.zeros(d_sae)
+
+    def add(self, lat: torch.Tensor, val: torch.Tensor) -> None:
+        if lat.numel() == 0:
+            return
+        b = self.bins
+        vmax = torch.zeros_like(self.upper).scatter_reduce(0, lat, val, "amax")
+        fresh = (self.upper == 0) & (vmax > 0)
+        if fresh.any():
+            self.upper[fresh] = torch.exp2(torch.floor(torch.log2(vmax[fresh])) + 1)
+        grow = (self.upper > 0) & (vmax >= self.upper)
+        if grow.any():
+            g = grow.nonzero().squeeze(1)
+            t = (torch.floor(torch.log2(vmax[g] / self.upper[g])) + 1).long()
+            for step in t.unique().tolist():
+                rows = g[t == step]
+                old = self.counts[rows]
+                new = torch.zeros_like(old)
+                new.index_add_(1, torch.arange(b) >> step, old)
+                self.counts[rows] = new
+                self.upper[rows] *= 2.0 ** step
+        binn = (val / self.upper[lat] * b).long().clamp_(0, b - 1)
+        self.counts.view(-1).index_add_(0, lat * b + binn, torch.ones_like(binn))
+
+    def edges(self, i: int) -> np.ndarray:
+        return np.linspace(0.0, float(self.upper[i]), self.bins + 1)
+
+
+@dataclass
+class FeatureStats:
+    """What one pass over a store gives for every latent of an SAE."""
+    d_sae: int
+    n_rows: int  # rows counted (the split's keep rows)
+    count: torch.Tensor  # [d_sae] rows where the latent fired
+    sum: torch.Tensor  # [d_sae] float64 sum of activations
+    top: TopBuffer  # by value
+    samples: TopBuffer  # uniform reservoir (key = random priority)
+    hist: Histogram
+    window: int
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+    @property
+    def density(self) -> torch.Tensor:
+        return self.count.double() / max(self.n_rows, 1)
+
+    @property
+    def max_act(self) -> torch.Tensor:
+        return torch.where(self.count > 0, self.top.val[:, 0], torch.zeros(self.d_sae))
+
+    @property
+    def mean_act(self) -> torch.Tensor:
+        """Mean over all counted rows (zeros included)."""
+        return self.sum / max(self.n_rows, 1)
+
+    @property
+    def mean_act_active(self) -> torch.Tensor:
+        """Mean over the rows where the latent fired."""
+        return self.sum / self.count.clamp_min(1)
+
+    def examples(self, i: int, kind: str = "top") -> list[dict]:
+        """Top examples (descending) or reservoir samples (ascending by value) of latent i:
+        {row, value, token_ids (window, −1 padded), values}."""
+        buf = self.top if kind == "top" else self.samples
+        keep = (buf.row[i] >= 0).nonzero().squeeze(1)
+        out = [{"row": int(buf.row[i, j]), "value": float(buf.val[i, j]),
+                "token_ids": buf.tok[i, j].tolist(), "values": buf.win[i, j].tolist()} for j in keep.tolist()]
+        if kind != "top":
+            out.sort(key=lambda e: e["value"])
+        return out
+
+    def quantile_examples(self, i: int, n_quantiles: int, per_bin: int) -> list[tuple[int, list[dict]]]:
+        """Reservoir samples split into `n_quantiles` equal-count groups by value (highest first)."""
+        s = self.examples(i, "sample")
+        if not s:
+            return []
+        groups = np.array_split(np.arange(len(s)), min(n_quantiles, len(s)))
+        out = []
+        for q, g in enumerate(groups):
+            picks = g[np.linspace(0, len(g) - 1, min(per_bin, len(g))).round().astype(int)]
+            out.append((q, [s[j] for j in sorted(set(picks.tolist()), reverse=True)]))
+        return out[::-1]
+
+
+# ---- the pass ----------------------------------------------------------------------------------
+
+def _blocks(store: Store, hook: str, split: str, block_rows: int, quiet: bool
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(rows, tokens, seq, mask, x of the mask rows) for sequence-aligned runs of ~block_rows."""
+    ranges = store.chunk_ranges()
+    buf: list[tuple] = []
+    n_buf = 0
+    bar = progress(total=store.n_tokens, desc="features", unit="tok", quiet=quiet)
+
+    def emit(parts: list[tuple]) -> tuple:
+        rows = np.concatenate([p[0] for p in parts])
+        tokens = np.concatenate([p[1] for p in parts])
+        seq = np.concatenate([p[2] for p in parts])
+        mask = np.concatenate([p[3] for p in parts])
+        xs = [p[4] for p in parts if p[4] is not None]
+        x = np.concatenate(xs) if xs else np.zeros((0, store.d_model), np.float32)
+        return rows, tokens, seq, mask, x
+
+    for a, b in ranges:
+        mask = store.split_mask(split, a, b)
+        x = store.activations(hook, a, b)[mask] if mask.any() else None
+        buf.append((np.arange(a, b), store.tokens(a, b), store.seq(a, b), mask, x))
+        n_buf += b - a
+        bar.update(b - a)
+        if n_buf < block_rows:
+            continue
+        rows, tokens, seq, mask, x = emit(buf)
+        cut = np.flatnonzero(seq[1:] != seq[:-1])
+        if cut.size == 0:
+            buf, n_buf = [(rows, tokens, seq, mask, x)], len(rows)
+            continue
+        c = int(cut[-1]) + 1  # start of the last (possibly unfinished) sequence
+        nm = int(mask[:c].sum())
+        yield rows[:c], tokens[:c], seq[:c], mask[:c], x[:nm]
+        rest = (rows[c:], tokens[c:], seq[c:], mask[c:], x[nm:])
+        buf, n_buf = [rest], len(rest[0])
+    bar.close()
+    if n_buf:
+        yield emit(buf)
+
+
+@torch.no_grad()
+def feature_stats(sae: torch.nn.Module, store: Store, hook: str, split: str = "all", top: int = 20,
+                  samples: int = 16, window: int = 10, bins: int = 50, block_rows: int = 8192,
+                  encode_batch: int = 1024, seed: int = 0, quiet: bool = True) -> FeatureStats:
+    """One streaming pass: density, max, mean, top-N with contexts, reservoir samples, histograms."""
+    if hook not in store.hooks:
+        raise UserError(f"hook point {hook!r} is not in store {store.path!r}; it holds {store.hooks}: "
+                        f"pass the store this SAE was trained on")
+    d_sae = int(sae.W_dec.shape[0])
+    if int(sae.W_dec.shape[1]) != store.d_model:
+        raise UserError(f"SAE d_in {int(sae.W_dec.shape[1])} does not match store d_model {store.d_model}")
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * window + 1
+    st = FeatureStats(d_sae=d_sae, n_rows=0, count=torch.zeros(d_sae, dtype=torch.int64),
+                      sum=torch.zeros(d_sae, dtype=torch.float64), top=TopBuffer(d_sae, top, width),
+                      samples=TopBuffer(d_sae, samples, width), hist=Histogram(d_sae, bins), window=window)
+    device = sae.W_dec.device
+    t0 = time.perf_counter()
+    for rows, tokens, seq, mask, x in _blocks(store, hook, split, block_rows, quiet):
+        st.n_rows += int(mask.sum())
+        if x.shape[0] == 0:
+            continue
+        te = time.perf_counter()
+        xr, lat, val = encode_triples(sae, torch.from_numpy(x).to(device), encode_batch)
+        st.encode_seconds += time.perf_counter() - te
+        xr, lat, val = xr.cpu(), lat.cpu(), val.cpu()
+        if not torch.isfinite(val).all():
+            raise UserError(f"store {store.path!r} hook {hook!r} gives NaN/inf latents near row {int(rows[0])}; "
+                            f"recollect it or check the SAE")
+        local = torch.from_numpy(np.flatnonzero(mask)).long()[xr]  # triple rows → block rows
+        block = Block(rows, tokens, seq, d_sae, local, lat, val)
+        st.count += torch.bincount(lat, minlength=d_sae)
+        st.sum.index_add_(0, lat, val.double())
+        st.hist.add(lat, val)
+        st.top.merge(lat, val, block, local, val)
+        st.samples.merge(lat, torch.rand(val.shape, generator=gen), block, local, val)
+    st.seconds = time.perf_counter() - t0
+    return st
+
+
+@torch.no_grad()
+def encode_rate(sae: torch.nn.Module, store: Store, hook: str, split: str = "all", max_rows: int | None = None,
+                encode_batch: int = 1024) -> tuple[int, float]:
+    """The bound the stats pass is measured against: read the same rows and encode them, nothing
+    else. Returns (rows encoded, seconds)."""
+    device = sae.W_dec.device
+    n, t0 = 0, time.perf_counter()
+    for a, b in store.chunk_ranges():
+        mask = store.split_mask(split, a, b)
+        if mask.any():
+            x = torch.from_numpy(store.activations(hook, a, b)[mask]).to(device)
+            encode_triples(sae, x, encode_batch)
+            n += x.shape[0]
+        if max_rows is not None and n >= max_rows:
+            break
+    return n, time.perf_counter() - t0
+
+
+# ---- features.json + latents/NNNNN.json ----------------------------------------------------------
+
+FORMAT = "saeforge-features"
+LATENT_DIR = "latents"
+
+
+def latent_file(i: int) -> str:
+    return f"{LATENT_DIR}/{i:05d}.json"
+
+
+def _example(e: dict, vocab: list[str], store: Store | None = None, kind: str = "top", **extra) -> dict:
+    """One example in Neuronpedia's activation layout (tokens, values, maxValue, maxValueTokenIndex)."""
+    ids = e["token_ids"]
+    keep = [j for j, t in enumerate(ids) if t >= 0]
+    tokens = [vocab[ids[j]] if 0 <= ids[j] < len(vocab) else f"<{ids[j]}>" for j in keep]
+    values = [round(float(e["values"][j]), 5) for j in keep]
+    centre = len(ids) // 2 - keep[0] if keep else 0
+    return {"tokens": tokens, "token_ids": [ids[j] for j in keep], "values": values,
+            "maxValue": round(e["value"], 5), "maxValueTokenIndex": centre, "row": e["row"], "kind": kind, **extra}
+
+
+def build_records(stats: FeatureStats, vocab: list[str], logits=None, n_quantiles: int = 4, per_quantile: int = 3,
+                  n_logits: int = 10) -> tuple[list[dict], list[dict]]:
+    """(index entries, per-latent records) with Neuronpedia field names where one fits:
+    maxActApprox, frac_nonzero, pos_str/pos_values, neg_str/neg_values, freq_hist_data_bar_*,
+    logits_hist_data_bar_*, activations[{tokens, values, maxValue, maxValueTokenIndex}]."""
+    from analysis.labels import make_label
+
+    index, records = [], []
+    dens, mx, mean, mean_a = stats.density, stats.max_act, stats.mean_act, stats.mean_act_active
+    for i in range(stats.d_sae):
+        top = [_example(e, vocab, kind="top") for e in stats.examples(i, "top")]
+        quant = []
+        for q, group in stats.quantile_examples(i, n_quantiles, per_quantile):
+            vals = [e["value"] for e in group]
+            quant += [_example(e, vocab, kind="quantile", quantile=q, n_quantiles=min(n_quantiles, len(vals) or 1))
+                      for e in group]
+        counts = stats.hist.counts[i]
+        edges = stats.hist.edges(i)
+        nb = int(counts.nonzero().max()) + 1 if int(counts.sum()) else 0
+        rec = {"index": i, "frac_nonzero": float(dens[i]), "maxActApprox": round(float(mx[i]), 5),
+               "mean_act": float(mean[i]), "mean_act_active": float(mean_a[i]), "count": int(stats.count[i]),
+               "freq_hist_data_bar_heights": counts[:nb].tolist(),
+               "freq_hist_data_bar_values": [round(float(v), 5) for v in (edges[:nb] + edges[1:nb + 1]) / 2],
+               "freq_hist_bin_width": float(edges[1] - edges[0]) if nb else 0.0,
+               "activations": top + quant}
+        if logits is not None:
+            n = min(n_logits, logits.pos_ids.shape[1])
+            rec.update(
+                pos_str=[vocab[t] for t in logits.pos_ids[i, :n].tolist()],
+                pos_values=[round(v, 5) for v in logits.pos_vals[i, :n].tolist()],
+                neg_str=[vocab[t] for t in logits.neg_ids[i, :n].tolist()],
+                neg_values=[round(v, 5) for v in logits.neg_vals[i, :n].tolist()])
+            lo, hi, h = float(logits.hist_lo[i]), float(logits.hist_hi[i]), logits.hist_heights[i]
+            w = (hi - lo) / h.numel()
+            rec.update(logits_hist_data_bar_heights=h.tolist(),
+                       logits_hist_data_bar_values=[round(lo + (j + 0.5) * w, 5) for j in range(h.numel())])
+        max_tokens = [a["tokens"][a["maxValueTokenIndex"]] for a in top if a["tokens"]]
+        rec["top_tokens"] = max_tokens
+        rec["label"] = make_label(max_tokens, rec.get("pos_str", [])) if max_tokens else "(never fires)"
+        records.append(rec)
+        index.append({k: rec[k] for k in ("index", "label", "frac_nonzero", "maxActApprox", "mean_act",
+                                           "mean_act_active", "count")}
+                     | {"file": latent_file(i)})
+    return index, records
+
+
+def write_features(out, meta: dict, index: list[dict], records: list[dict]) -> None:
+    """DIR/features.json (meta + one summary entry per latent) and DIR/latents/NNNNN.json."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    (out / LATENT_DIR).mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        (out / latent_file(rec["index"])).write_text(json.dumps(rec, ensure_ascii=False, separators=(",", ":")))
+    doc = {"format": FORMAT, "version": 1, **meta, "latents": index}
+    tmp = out / "features.json.tmp"
+    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=0))
+    tmp.replace(out / "features.json")
+
+
+def load_features(path) -> dict:
+    """features.json of a `saeforge features` output directory."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    p = p / "features.json" if p.is_dir() else p
+    if not p.is_file():
+        raise UserError(f"{str(path)!r} holds no features.json; run `saeforge features SAE_DIR --store STORE --out DIR` first")
+    doc = json.loads(p.read_text())
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{str(p)!r} is not a saeforge features file")
+    return doc
+
+
+def load_latent(path, i: int) -> dict:
+    """The full record of latent i (examples, histogram, logits)."""
+    import json
+    from pathlib import Path
+
+    d = Path(path)
+    d = d.parent if d.name == "features.json" else d
+    f = d / latent_file(i)
+    if not f.is_file():
+        raise UserError(f"latent {i} has no record in {str(d)!r}")
+    return json.loads(f.read_text())
