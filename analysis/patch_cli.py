@@ -23,7 +23,7 @@ class PatchConfig:
     wrong: str | None = field(default=None, metadata={"help": "the corrupted answer, one token, e.g. ' Rome'"})
     hook: str = field(default="resid_post", metadata={"help": "site to patch: " + "|".join(SITES)})
     metric: str = field(default="logit_diff", metadata={"help": "logit_diff (answer - wrong) or prob (of answer)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to patch, e.g. 0,10,-1 (default all)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to patch, e.g. 0,10,-1 or --layers=-1,-2 when the list starts negative (default all)"})
     batch_size: int = field(default=64, metadata={"help": "patched copies per forward"})
     out: str = field(default="runs/patch", metadata={"help": "output directory"})
     device: str = "cpu"
