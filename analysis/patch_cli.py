@@ -23,7 +23,8 @@ class PatchConfig:
     wrong: str | None = field(default=None, metadata={"help": "the corrupted answer, one token, e.g. ' Rome'"})
     hook: str = field(default="resid_post", metadata={"help": "site to patch: " + "|".join(SITES)})
     metric: str = field(default="logit_diff", metadata={"help": "logit_diff (answer - wrong) or prob (of answer)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to patch, e.g. 0,10,-1 or --layers=-1,-2 when the list starts negative (default all)"})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "layers to patch, e.g. 0,10,-1 (write --layers=-1,-2 when the list starts negative; default all)"})
     batch_size: int = field(default=64, metadata={"help": "patched copies per forward"})
     out: str = field(default="runs/patch", metadata={"help": "output directory"})
     device: str = "cpu"
@@ -86,9 +87,11 @@ def write_outputs(res: PatchResult, out: Path, cfg: PatchConfig | None = None) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(PatchConfig, argv, section="patch", prog="saeforge patch",
-                          description="Activation patching: how much of the clean answer each (layer, position) restores.")
+                          description="Activation patching: how much of the clean answer each "
+                                      "(layer, position) restores.")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    res = activation_patching(lm.model, lm.tokenizer, cfg.clean, cfg.corrupt, cfg.answer, cfg.wrong,  # type: ignore[arg-type]
+    res = activation_patching(lm.model, lm.tokenizer, cfg.clean, cfg.corrupt,  # type: ignore[arg-type]
+                              cfg.answer, cfg.wrong,  # type: ignore[arg-type]
                               site=cfg.hook, metric=cfg.metric, layers=cfg.layers, batch_size=cfg.batch_size,
                               quiet=cfg.quiet)
     paths = write_outputs(res, Path(cfg.out), cfg)
