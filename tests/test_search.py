@@ -1,0 +1,88 @@
+"""Vocabulary search (seed 004): complete search is really the max, greedy ≥ best single token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.vocab_search import Objective, activation_of, complete_search, greedy_search, scan_vocab
+from collect.errors import UserError
+from sae.architectures import ArchConfig, build_sae
+from sae.io import save_sae
+from tests.tiny_models import tiny_model
+
+HOOK = "layers.1.resid_post"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def sae():
+    torch.manual_seed(3)
+    s = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=24, k=6)).eval()
+    with torch.no_grad():
+        s.b_enc.normal_(0, 0.3)
+    return s
+
+
+@pytest.mark.parametrize("kind", ["neuron", "latent"])
+def test_complete_search_is_the_max(model, sae, kind):
+    obj = Objective.for_neuron(HOOK, 7, 32) if kind == "neuron" else Objective.for_latent(sae, 5, HOOK)
+    prefix = [1]
+    res = complete_search(model, obj, prefix, top=5, batch=37)
+    best = res.top[0]
+    # re-run every single token from scratch (no cache, no batching): the best really is the max
+    again = [activation_of(model, obj, prefix + [t]) for t in range(128)]
+    assert activation_of(model, obj, prefix + best.ids) == pytest.approx((best.activation, best.pre), abs=1e-5)
+    assert best.activation >= max(a for a, _ in again) - 1e-5
+    if kind == "latent":
+        assert best.activation > 0  # some token switches the latent on
+    assert [c.activation for c in res.top] == sorted((c.activation for c in res.top), reverse=True)
+
+
+def test_greedy_at_least_best_single_token(model, sae):
+    obj = Objective.for_latent(sae, 5, HOOK)
+    comp = complete_search(model, obj, [1], top=3)
+    gr = greedy_search(model, obj, 3, [1], top=3, batch=50)
+    assert len(gr.steps) == 3 and [len(s.ids) for s in gr.steps] == [1, 2, 3]
+    assert gr.steps[0].ids == comp.top[0].ids  # step one is the complete search
+    assert gr.best.activation >= comp.top[0].activation
+    # every step's activation is what a fresh forward of that string gives, and it is the argmax of its step
+    for s in gr.steps:
+        assert activation_of(model, obj, [1] + s.ids)[0] == pytest.approx(s.activation, abs=1e-5)
+    act, _ = scan_vocab(model, obj, [1] + gr.steps[1].ids, use_cache=False)
+    assert gr.steps[2].activation == pytest.approx(float(act.max()), abs=1e-5)
+
+
+def test_cache_equals_recompute(model):
+    obj = Objective.for_neuron(HOOK, 2, 32)
+    a, _ = scan_vocab(model, obj, [1, 9, 4], batch=40, use_cache=True)
+    b, _ = scan_vocab(model, obj, [1, 9, 4], batch=40, use_cache=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range(sae):
+    with pytest.raises(UserError, match="out of range"):
+        Objective.for_latent(sae, 24, HOOK)
+    with pytest.raises(UserError, match="out of range"):
+        Objective.for_neuron(HOOK, 32, 32)
+
+
+def test_search_cli(smollm2, tmp_path, capsys, monkeypatch):
+    from analysis import search_cli
+    monkeypatch.setattr(search_cli, "load_model", lambda spec, *a, **k: smollm2)
+    rc = search_cli.main(["--hook", "layers.0.resid_post", "--neuron", "5", "--vocab", "1500", "--greedy-tokens", "2",
+                          "--top", "3", "--out", str(tmp_path / "s.json"), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "complete search over 1500 tokens" in out and "best:" in out
+    s = build_sae(ArchConfig(arch="topk", d_in=576, d_sae=16, k=4))
+    d = save_sae(s, tmp_path / "sae", meta={"hook_point": "layers.0.resid_post", "model": "smollm2-135m",
+                                            "model_hash": smollm2.weights_hash})
+    with pytest.raises(UserError, match="--latent 16 is out of range"):
+        search_cli.main(["--sae", str(d), "--latent", "16"])
+    other = save_sae(s, tmp_path / "other", meta={"hook_point": "layers.0.resid_post", "model_hash": "f" * 32})
+    with pytest.raises(UserError, match="trained on model"):
+        search_cli.main(["--sae", str(other), "--latent", "1", "--vocab", "10"])
