@@ -29,7 +29,7 @@ class FeaturesConfig:
     store: str | None = field(default=None, metadata={"help": "activation store the statistics are read from"})
     out: str = field(default="runs/features", metadata={"help": "output directory"})
     top: int = field(default=20, metadata={"help": "top activating examples per latent"})
-    split: str = field(default="heldout", metadata={"help": "rows to read: heldout, train or all"})
+    split: str = field(default="all", metadata={"help": "rows to read: all, heldout or train (keep rows only)"})
     window: int = field(default=10, metadata={"help": "context tokens either side of an example"})
     samples: int = field(default=16, metadata={"help": "reservoir sample per latent for the quantile examples"})
     quantiles: int = field(default=4, metadata={"help": "activation quantile groups shown per latent"})
