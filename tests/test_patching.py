@@ -18,11 +18,17 @@ pytestmark = pytest.mark.smollm
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPT = "The Colosseum is in the city of"
 ANSWER, WRONG = " Paris", " Rome"
+LAYERS = [0, 1, 3, 9, 20, 23, 25, 29]   # a subset keeps the sweep cheap on 2 loaded cores
 
 
 @pytest.fixture(scope="module")
 def result(smollm2):
-    return activation_patching(smollm2.model, smollm2.tokenizer, CLEAN, CORRUPT, ANSWER, WRONG, site="resid_post")
+    return activation_patching(smollm2.model, smollm2.tokenizer, CLEAN, CORRUPT, ANSWER, WRONG, site="resid_post",
+                               layers=LAYERS)
+
+
+def _row(result, layer):
+    return result.layers.index(layer)
 
 
 def _ids(tok, text):
@@ -38,8 +44,8 @@ def _clean_act(model, ids, point):
 def test_example_prompts_disagree(result):
     """The README example: the clean prompt prefers ' Paris', the corrupted one ' Rome', clearly."""
     assert result.clean_metric > 1.0 and result.corrupt_metric < -1.0
-    assert result.scores.shape == (30, len(result.clean_tokens)) == result.raw.shape
-    assert result.layers == list(range(30))
+    assert result.scores.shape == (len(LAYERS), len(result.clean_tokens)) == result.raw.shape
+    assert result.layers == LAYERS
 
 
 def test_last_layer_row(result):
@@ -49,7 +55,10 @@ def test_last_layer_row(result):
     # position 0 ('The') is the same token in both prompts: patching it changes nothing at any layer
     assert result.scores[:, 0].abs().max() < 1e-4
     # the subject tokens carry the answer in the early layers
-    assert result.scores[:10, 1:4].max(dim=1).values.min() > 0.5
+    early = [_row(result, i) for i in LAYERS if i < 10]
+    assert result.scores[early, 1:4].max(dim=1).values.min() > 0.5
+    # ... and by layer 23 it has moved to the last position
+    assert result.scores[_row(result, 23), -1] > 0.5 and result.scores[_row(result, 23), 1:4].max() < 0.1
 
 
 @pytest.mark.parametrize("point", ["layers.0.resid_pre", "layers.29.resid_post", "layers.12.resid_post"])
@@ -75,7 +84,7 @@ def test_batched_equals_one_position_at_a_time(smollm2, result):
         mask = torch.zeros(1, T, dtype=torch.bool)
         mask[0, pos] = True
         raw = patched_metric(model, corrupt_ids, point, act, mask, result.answer_id, result.wrong_id)
-        torch.testing.assert_close(raw[0], result.raw[layer, pos], atol=1e-4, rtol=0)
+        torch.testing.assert_close(raw[0], result.raw[_row(result, layer), pos], atol=1e-4, rtol=0)
 
 
 def test_other_sites_and_chunking(smollm2, result):
@@ -118,7 +127,8 @@ def test_cli_writes_csv_json_png(smollm2, result, tmp_path, monkeypatch, capsys)
     T = len(result.clean_tokens)
     assert len(rows) == 2 * T and {r["layer"] for r in rows} == {"3", "29"}
     for r in rows:   # the CLI's numbers are the library's
-        assert abs(float(r["score"]) - float(result.scores[int(r["layer"]), int(r["position"])])) < 1e-4
+        want = result.scores[_row(result, int(r["layer"])), int(r["position"])]
+        assert abs(float(r["score"]) - float(want)) < 1e-4
     data = json.loads((out / "patch.json").read_text())
     assert data["layers"] == [3, 29] and len(data["scores"]) == 2
     assert (out / "patch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
