@@ -6,6 +6,14 @@
 Writes are whole shards only (a partial shard write rewrites the shard, and two writers in one
 shard lose data). A shard is committed by raising the `n_tokens` attribute after its data is
 written, so a crash loses at most the shard in flight and a resumed run rewrites exactly that.
+
+A run collected by N ranks (torchrun) is a root group holding the shared attributes (written by
+rank 0 alone, with `parts` = the part paths in rank order) and one part per rank,
+`parts/rank{r}/`, laid out exactly like a single-process store and written by that rank alone
+(its own `n_tokens`/`complete`), so no two processes ever write the same shard or the same
+zarr.json. `Store` presents the parts, in rank order, as one dataset with global row indices.
+
+Paths are local paths or fsspec URLs (`file://`, `memory://`, `s3://` with s3fs, …).
 """
 from __future__ import annotations
 
@@ -48,6 +56,44 @@ def local_path(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
+def zarr_target(path: str) -> str:
+    """What zarr.open_group gets: a plain path for local stores (zarr's LocalStore creates folders;
+    its fsspec store on file:// does not), the URL itself otherwise (zarr wraps it in an FsspecStore)."""
+    return local_path(path) if is_local(path) else path
+
+
+def join_path(path: str, *names: str) -> str:
+    """A child of a store path or URL."""
+    if is_local(path):
+        return os.path.join(local_path(path), *names)
+    return "/".join([path.rstrip("/"), *names])
+
+
+def part_name(rank: int) -> str:
+    """The sub-group a rank writes in a multi-rank store."""
+    return f"parts/rank{rank}"
+
+
+def store_exists(path: str) -> bool:
+    """Whether a Zarr group (its zarr.json) is at `path`; remote URLs are checked through fsspec."""
+    if is_local(path):
+        return os.path.isfile(os.path.join(local_path(path), "zarr.json"))
+    fs, root = _url_to_fs(path)
+    return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
+
+
+def _url_to_fs(path: str) -> tuple[Any, str]:
+    import fsspec
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as e:
+        raise UserError(f"store URL {path!r} needs an fsspec backend that is not installed ({e}); "
+                        f"install it (e.g. `pip install s3fs` for s3://) or use a local path") from None
+    except ValueError as e:
+        raise UserError(f"store URL {path!r} is not understood by fsspec ({e}); use a local path or "
+                        f"a URL like file://, memory:// or s3://") from None
+
+
 def free_bytes(path: str) -> int | None:
     """Free space where `path` will live; None for remote stores."""
     if not is_local(path):
@@ -60,13 +106,19 @@ def free_bytes(path: str) -> int | None:
 
 def _open_group(path: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode=mode)
+        return zarr.open_group(zarr_target(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
         raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
+    except ImportError as e:
+        raise UserError(f"store URL {path!r} needs an fsspec backend that is not installed ({e}); "
+                        f"install it (e.g. `pip install s3fs` for s3://) or use a local path") from None
 
 
 class Store:
-    """Read-only view of a store: metadata, rows by range, chunk-aligned ranges for fast reads."""
+    """Read-only view of a store: metadata, rows by range, chunk-aligned ranges for fast reads.
+
+    Row indices are global. A multi-rank store reads as its parts concatenated in rank order
+    (rows of one sequence stay contiguous; chunk ranges never cross a part boundary)."""
 
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
@@ -75,6 +127,16 @@ class Store:
         if self.attrs.get("format") != "saeforge-activations":
             raise UserError(f"{path!r} is not a saeforge activation store (no 'format' attribute); "
                             f"pass a store written by `saeforge collect`")
+        names = self.attrs.get("parts") or []
+        if names:  # committed rows of each part, read from the part's own attributes
+            self._parts = [group[name] for name in names]
+            counts = [int(p.attrs.get("n_tokens", 0)) for p in self._parts]
+        else:
+            self._parts = [group]
+            counts = [int(self.attrs["n_tokens"])]
+        self.part_offsets: list[int] = [int(x) for x in np.cumsum([0, *counts])]
+        self.attrs["n_tokens"] = self.part_offsets[-1]
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self.hooks: list[str] = list(self.attrs["hook_points"])
         self.d_model: int = int(self.attrs["d_model"])
         self.n_tokens: int = int(self.attrs["n_tokens"])
@@ -89,9 +151,13 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
         path = str(path)
-        if is_local(path) and not os.path.isdir(local_path(path)):
+        if not store_exists(path):
             raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
         return cls(_open_group(path, "r"), path)
+
+    @property
+    def n_parts(self) -> int:
+        return len(self._parts)
 
     def _check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
@@ -103,17 +169,48 @@ class Store:
             raise ValueError(f"bad row range [{start}, {stop}) for a store of {self.n_tokens} rows")
         return start, stop
 
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(part, local start, local stop) covering global rows [start, stop), in order."""
+        out = []
+        for i, (o, e) in enumerate(zip(self.part_offsets, self.part_offsets[1:])):
+            a, b = max(start, o), min(stop, e)
+            if b > a:
+                out.append((i, a - o, b - o))
+        return out
+
+    def _array(self, part: int, name: str) -> zarr.Array:
+        arr = self._arrays.get((part, name))
+        if arr is None:
+            arr = self._arrays[(part, name)] = self._parts[part][name]
+        return arr
+
+    def _read(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        start, stop = self._range(start, stop)
+        pieces = self._pieces(start, stop)
+        if len(pieces) == 1:
+            i, a, b = pieces[0]
+            return self._array(i, name)[a:b]
+        if not pieces:
+            return self._array(0, name)[0:0]
+        return np.concatenate([self._array(i, name)[a:b] for i, a, b in pieces])
+
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         """Chunk-aligned [a, b) ranges covering [start, stop): reading these is the fast path."""
         start, stop = self._range(start, stop)
-        edges = list(range((start // self.chunk_rows) * self.chunk_rows, stop, self.chunk_rows))
-        return [(max(a, start), min(a + self.chunk_rows, stop)) for a in edges if min(a + self.chunk_rows, stop) > max(a, start)]
+        c = self.chunk_rows
+        out = []
+        for i, a, b in self._pieces(start, stop):
+            o = self.part_offsets[i]
+            for e in range((a // c) * c, b, c):
+                lo, hi = max(e, a), min(e + c, b)
+                if hi > lo:
+                    out.append((o + lo, o + hi))
+        return out
 
     def raw_activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows as stored (bfloat16 comes back as its uint16 view)."""
         self._check_hook(hook)
-        start, stop = self._range(start, stop)
-        return self.group[f"activations/{hook}"][start:stop]
+        return self._read(f"activations/{hook}", start, stop)
 
     def activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [rows, d_model]."""
@@ -123,8 +220,7 @@ class Store:
         return raw.astype(np.float32, copy=False)
 
     def _rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
-        start, stop = self._range(start, stop)
-        return self.group[name][start:stop]
+        return self._read(name, start, stop)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("tokens", start, stop)
@@ -180,10 +276,8 @@ class StoreWriter:
         self.plan = plan
         self.hooks: list[str] = list(attrs["hook_points"])
         d, dtype = int(attrs["d_model"]), attrs["dtype"]
-        exists = (os.path.isdir(local_path(path)) and os.path.exists(os.path.join(local_path(path), "zarr.json"))) \
-            if is_local(path) else _remote_exists(path)
-        if exists:
-            self.group = zarr.open_group(path, mode="r+")
+        if store_exists(path):
+            self.group = _open_group(path, "r+")
             old = dict(self.group.attrs)
             _check_resume(path, old, attrs)
             self.n_committed = int(old["n_tokens"])
@@ -194,7 +288,7 @@ class StoreWriter:
         else:
             if dtype not in STORAGE_DTYPES:
                 raise UserError(f"--dtype {dtype!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
-            self.group = zarr.open_group(path, mode="w")
+            self.group = _open_group(path, "w")
             for hook in self.hooks:
                 a = self.group.create_array(f"activations/{hook}", shape=(0, d), dtype=storage_np_dtype(dtype),
                                             chunks=(plan.chunk_rows, d), shards=(plan.shard_rows, d),
@@ -248,18 +342,59 @@ class StoreWriter:
         self.complete = True
 
 
-def _remote_exists(path: str) -> bool:
-    try:
-        zarr.open_group(path, mode="r")
-        return True
-    except Exception:  # noqa: BLE001 - any failure to open means "no store there yet"
-        return False
+class PartsRoot:
+    """The root group of a multi-rank store. Only rank 0 creates or updates it; each rank writes
+    its own part (a StoreWriter at `join_path(path, part_name(rank))`)."""
+
+    def __init__(self, path: str, attrs: dict[str, Any], plan: ShardPlan, world_size: int):
+        self.path, self.world_size = path, world_size
+        self.parts = [part_name(r) for r in range(world_size)]
+        new = {**attrs, "world_size": world_size}
+        if store_exists(path):
+            self.group = _open_group(path, "r+")
+            old = dict(self.group.attrs)
+            _check_resume(path, old, new)
+            if not old.get("parts"):
+                raise UserError(f"store {path!r} was written by a single process (world_size 1) but this run has "
+                                f"world_size {world_size}; resume it without torchrun, or use a new --out")
+            self.attrs = old
+        else:
+            if attrs["dtype"] not in STORAGE_DTYPES:
+                raise UserError(f"--dtype {attrs['dtype']!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
+            self.group = _open_group(path, "w")
+            self.group.create_group("parts")
+            self.attrs = {**new, "format": "saeforge-activations", "format_version": FORMAT_VERSION,
+                          "parts": self.parts, "n_tokens": 0, "complete": False,
+                          "chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows}
+            self.group.attrs.update(self.attrs)
+        self.complete = bool(self.attrs["complete"])
+
+    def update_attrs(self, **kw: Any) -> None:
+        self.attrs.update(kw)
+        self.group.attrs.update(kw)
+
+    def part_status(self) -> list[tuple[int, bool]]:
+        """(committed rows, complete) of every part, read fresh from the parts' own attributes."""
+        out = []
+        for name in self.parts:
+            p = join_path(self.path, name)
+            a = dict(_open_group(p, "r").attrs) if store_exists(p) else {}
+            out.append((int(a.get("n_tokens", 0)), bool(a.get("complete", False))))
+        return out
+
+    def finish(self, n_tokens: int, **kw: Any) -> None:
+        self.update_attrs(n_tokens=n_tokens, complete=True, **kw)
+        self.complete = True
 
 
 def _check_resume(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to continue a store written by another model, hook set, d_model or layout."""
     if old.get("format") != "saeforge-activations":
         raise UserError(f"{path!r} exists and is not a saeforge activation store; choose another --out")
+    if "world_size" in new and old.get("world_size", 1) != new["world_size"]:
+        raise UserError(f"store {path!r} was collected by {old.get('world_size', 1)} rank(s) but this run has "
+                        f"world_size {new['world_size']}; resume it with the same number of ranks "
+                        f"(torchrun --nnodes × --nproc-per-node = {old.get('world_size', 1)}), or use a new --out")
     for key in RESUME_KEYS:
         if key in new and key in old and old[key] != new[key]:
             raise UserError(f"store {path!r} was written with {key}={old[key]!r} but this run has {key}={new[key]!r}; "
