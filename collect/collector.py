@@ -3,10 +3,16 @@
 The forward pass fills a pre-allocated shard buffer; a background thread writes full shards
 so the model never waits on disk. Rows already committed are skipped on resume, so a killed
 run continues with nothing lost and nothing written twice.
+
+Under torchrun (WORLD_SIZE > 1) every rank collects its own slice of the packed sequences
+(index % world_size == rank) into its own part of the store (see collect/store.py); rank 0
+writes the shared root attributes, the keep-mask calibration (measured on the first global batch,
+so keep does not depend on the rank count) and, once every part is complete, the total.
 """
 from __future__ import annotations
 
 import logging
+import itertools
 import math
 import queue
 import threading
@@ -19,13 +25,15 @@ import torch
 
 import collect
 from collect.config import config_dict
+from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
 from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
 from collect.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, parse_hook_points
 from collect.model import LoadedModel, load_model
 from collect.progress import progress
-from collect.store import STORAGE_DTYPES, ShardPlan, Store, StoreWriter, free_bytes, storage_np_dtype
+from collect.store import (STORAGE_DTYPES, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes, join_path,
+                           part_name, storage_np_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +141,47 @@ def _median_norms(acts: dict[str, torch.Tensor], special: torch.Tensor) -> dict[
 
 
 def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Store:
-    """Run (or resume) a collection; returns the finished store opened for reading."""
+    """Run (or resume) a collection; returns the store opened for reading (finished, except on
+    ranks > 0 of a multi-rank run, which return as soon as their own part is complete)."""
+    ctx = init_from_env(cfg.device)
+    try:
+        return _collect(cfg, loaded, ctx)
+    finally:
+        ctx.close()
+
+
+@dataclass
+class _Run:
+    """What every part of a run shares: the model, hook points, corpus and layout."""
+    cfg: CollectConfig
+    loaded: LoadedModel
+    layout: Any
+    names: list[str]
+    d_model: int
+    docs: Any
+    special_ids: list[int]
+    row_bytes: int
+    plan: ShardPlan
+
+    def forward(self, batch: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        ids = torch.from_numpy(np.stack([s.tokens for s in batch]).astype(np.int64)).to(self.loaded.device)
+        t0 = time.perf_counter()
+        acts = forward_to(self.loaded.model, ids, self.names, layout=self.layout)
+        return ids.cpu(), {h: acts[h].float().cpu() for h in self.names}, time.perf_counter() - t0
+
+    def sequences(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[Any]:
+        return pack_sequences(self.docs, self.loaded.tokenizer, self.cfg.context, prepend_bos=self.cfg.prepend_bos,
+                              heldout_fraction=self.cfg.heldout_fraction, rank=rank, world_size=world_size,
+                              start=start)
+
+    def calibrate(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> dict[str, float]:
+        return _median_norms(acts, _special_mask(ids, self.special_ids))
+
+
+def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -> Store:
     t_start = time.perf_counter()
-    loaded = loaded or load_model(cfg.model, cfg.device, cfg.model_dtype)
+    device = resolve_device(cfg.device, ctx.local_rank, ctx.world_size)
+    loaded = loaded or load_model(cfg.model, device, cfg.model_dtype)
     model, tok = loaded.model, loaded.tokenizer
     layout = discover_layout(model)
     points = parse_hook_points(layout, cfg.hooks)
@@ -145,64 +191,143 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
     special_ids = sorted(set(getattr(tok, "all_special_ids", []) or []))
     row_bytes = d_model * np.dtype(storage_np_dtype(cfg.dtype)).itemsize * len(names) + META_BYTES_PER_ROW
     plan = ShardPlan.for_rows(cfg.context, row_bytes, cfg.shard_rows)
+    run = _Run(cfg, loaded, layout, names, d_model, docs, special_ids, row_bytes, plan)
     attrs = {
         "model": cfg.model, "model_hash": loaded.weights_hash, "model_class": type(model).__name__,
         "tokenizer": getattr(tok, "name_or_path", "") or cfg.model,
         "hook_points": names, "hook_modules": {p.name: p.module for p in points},
         "d_model": d_model, "n_layers": layout.n_layers, "dtype": cfg.dtype, "context": cfg.context,
         "corpus": describe_corpus(cfg.corpus, cfg.text_field), "heldout_fraction": cfg.heldout_fraction,
-        "prepend_bos": cfg.prepend_bos, "rank": 0, "world_size": 1,
+        "prepend_bos": cfg.prepend_bos, "rank": 0, "world_size": ctx.world_size,
         "saeforge_version": collect.__version__, "config": config_dict(cfg),
     }
+    corpus_tokens = estimate_tokens(docs, tok)
+    target = min(cfg.max_tokens or corpus_tokens, corpus_tokens)
+    target_rows = (target // cfg.context) * cfg.context if cfg.max_tokens else None
+    if ctx.active:
+        return _collect_ranks(run, attrs, ctx, target, target_rows, t_start)
+
     writer = StoreWriter(cfg.out, attrs, plan)
     if writer.complete:
         log.info("store %s is already complete (%d tokens); nothing to do", cfg.out, writer.n_committed)
         return Store.open(cfg.out)
     start_row = writer.n_committed
-    start_seq = start_row // cfg.context
-    corpus_tokens = estimate_tokens(docs, tok)
-    target = min(cfg.max_tokens or corpus_tokens, corpus_tokens)
-    target_rows = (target // cfg.context) * cfg.context if cfg.max_tokens else None
+    seqs = run.sequences(start=start_row // cfg.context)
+    medians = dict(writer.attrs["norm_median"]) if "norm_median" in writer.attrs else None
+    loop = _fill(run, writer, seqs, target, target_rows, medians, quiet=cfg.quiet)
+    if loop is None and start_row == 0:
+        raise UserError(f"corpus {cfg.corpus!r} is shorter than one sequence of --context {cfg.context}; "
+                        f"use a larger corpus or a smaller --context")
+    writer.finish()
+    elapsed = time.perf_counter() - t_start
+    if loop is not None:
+        writer.update_attrs(collect_seconds=round(elapsed, 2), loop_seconds=round(loop, 3),
+                            loop_tokens=writer.n_committed - start_row)
+    log.info("store %s complete: %s tokens in %.1f s", cfg.out, f"{writer.n_committed:,}", elapsed)
+    return Store.open(cfg.out)
 
-    seqs = pack_sequences(docs, tok, cfg.context, prepend_bos=cfg.prepend_bos,
-                          heldout_fraction=cfg.heldout_fraction, start=start_seq)
+
+def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: int, target_rows: int | None,
+                   t_start: float) -> Store:
+    """One rank of a multi-rank run: rank 0 sets up the root, every rank fills its own part."""
+    cfg = run.cfg
+    root: PartsRoot | None = None
+    info: dict[str, Any] | None = None
+    if ctx.is_main:
+        try:
+            root = PartsRoot(cfg.out, {k: v for k, v in attrs.items() if k != "rank"}, run.plan, ctx.world_size)
+            if not root.complete and "norm_median" not in root.attrs:
+                # the first global batch, as a single process would see it: keep is rank-count independent
+                calib = list(itertools.islice(run.sequences(), cfg.batch_size))
+                if not calib:
+                    raise UserError(f"corpus {cfg.corpus!r} is shorter than one sequence of --context {cfg.context}; "
+                                    f"use a larger corpus or a smaller --context")
+                ids, acts, _ = run.forward(calib)
+                root.update_attrs(norm_median=run.calibrate(ids, acts))
+            info = {"complete": root.complete, "norm_median": root.attrs["norm_median"] if not root.complete else None}
+        except Exception as e:
+            ctx.broadcast({"error": str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}"})
+            raise
+    info = ctx.broadcast(info)
+    if "error" in info:
+        raise UserError(info["error"])
+    if info["complete"]:
+        log.info("store %s is already complete; nothing to do", cfg.out)
+        return Store.open(cfg.out)
+
+    medians = dict(info["norm_median"])
+    part = join_path(cfg.out, part_name(ctx.rank))
+    writer = StoreWriter(part, {**attrs, "rank": ctx.rank, "norm_median": medians}, run.plan)
+    if not writer.complete:
+        start_row = writer.n_committed
+        # this rank's k-th sequence has global index rank + k·world_size
+        seqs = run.sequences(ctx.rank, ctx.world_size, start=(start_row // cfg.context) * ctx.world_size)
+        share_rows = None if target_rows is None else \
+            rank_share(target_rows // cfg.context, ctx.rank, ctx.world_size) * cfg.context
+        share = share_rows if share_rows is not None else -(-target // ctx.world_size)
+        loop = _fill(run, writer, seqs, share, share_rows, medians, quiet=cfg.quiet or not ctx.is_main,
+                     disk_sharers=ctx.local_world_size, label=f"rank {ctx.rank}: ")
+        writer.finish()
+        if loop is not None:
+            writer.update_attrs(collect_seconds=round(time.perf_counter() - t_start, 2), loop_seconds=round(loop, 3),
+                                loop_tokens=writer.n_committed - start_row)
+        log.info("rank %d: part %s complete: %s tokens", ctx.rank, part, f"{writer.n_committed:,}")
+    if root is not None:
+        status = _wait_for_parts(root)
+        root.finish(n_tokens=sum(n for n, _ in status), collect_seconds=round(time.perf_counter() - t_start, 2))
+        log.info("store %s complete: %s tokens from %d ranks in %.1f s", cfg.out, f"{root.attrs['n_tokens']:,}",
+                 ctx.world_size, time.perf_counter() - t_start)
+    return Store.open(cfg.out)
+
+
+def _wait_for_parts(root: PartsRoot, poll_seconds: float = 1.0) -> list[tuple[int, bool]]:
+    """Rank 0 waits until every part says complete. Polling the parts' own attributes rather than a
+    collective barrier: a rank that resumes with little left never hits a collective timeout, and
+    torchrun already tears the group down if a rank dies."""
+    said = 0.0
+    while True:
+        status = root.part_status()
+        waiting = [r for r, (_, done) in enumerate(status) if not done]
+        if not waiting:
+            return status
+        if time.monotonic() - said > 60:
+            log.info("rank 0: waiting for rank(s) %s to finish their parts", waiting)
+            said = time.monotonic()
+        time.sleep(poll_seconds)
+
+
+def _fill(run: _Run, writer: StoreWriter, seqs: Iterator[Any], target: int, target_rows: int | None,
+          medians: dict[str, float] | None, quiet: bool, disk_sharers: int = 1, label: str = "") -> float | None:
+    """Forward `seqs` and commit their rows to `writer` (up to target_rows); the loop's seconds, or
+    None when `seqs` was empty. Measures norm medians on the first batch when `medians` is None."""
+    cfg, plan, names, d_model = run.cfg, run.plan, run.names, run.d_model
+    special_ids, row_bytes = run.special_ids, run.row_bytes
+    start_row = writer.n_committed
     batches = _batches(seqs, cfg.batch_size)
     first = next(batches, None)
     if first is None:
-        if start_row == 0:
-            raise UserError(f"corpus {cfg.corpus!r} is shorter than one sequence of --context {cfg.context}; "
-                            f"use a larger corpus or a smaller --context")
-        writer.finish()
-        return Store.open(cfg.out)
+        return None
 
-    def run(batch: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        ids = torch.from_numpy(np.stack([s.tokens for s in batch]).astype(np.int64)).to(loaded.device)
-        t0 = time.perf_counter()
-        acts = forward_to(model, ids, names, layout=layout)
-        return ids.cpu(), {h: acts[h].float().cpu() for h in names}, time.perf_counter() - t0
-
-    ids0, acts0, dt0 = run(first)
-    if "norm_median" in writer.attrs:
-        medians = dict(writer.attrs["norm_median"])
-    else:
-        medians = _median_norms(acts0, _special_mask(ids0, special_ids))
+    ids0, acts0, dt0 = run.forward(first)
+    if medians is None:
+        medians = run.calibrate(ids0, acts0)
         writer.update_attrs(norm_median=medians)
     rate = ids0.numel() / max(dt0, 1e-9)
     remaining = max(0, target - start_row)
     need = remaining * row_bytes
-    log.info("collecting ~%s tokens (%.2f GB at %s) into %s; first batch ran at %.0f tokens/s, estimated %.1f min",
-             f"{remaining:,}", need / 1e9, cfg.dtype, cfg.out, rate, remaining / rate / 60)
-    free = free_bytes(cfg.out)
-    if free is not None and need * 1.05 > free:
-        raise UserError(f"not enough disk for {cfg.out!r}: need ~{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; "
-                        f"lower --max-tokens, use --dtype float16, or choose another --out")
+    log.info("%scollecting ~%s tokens (%.2f GB at %s) into %s; first batch ran at %.0f tokens/s, estimated %.1f min",
+             label, f"{remaining:,}", need / 1e9, cfg.dtype, writer.path, rate, remaining / rate / 60)
+    free = free_bytes(writer.path)
+    if free is not None and need * disk_sharers * 1.05 > free:
+        raise UserError(f"not enough disk for {cfg.out!r}: need ~{need * disk_sharers / 1e9:.2f} GB, "
+                        f"{free / 1e9:.2f} GB free; lower --max-tokens, use --dtype float16, or choose another --out")
 
     buffers = [{**{h: np.empty((plan.shard_rows, d_model), dtype=storage_np_dtype(cfg.dtype)) for h in names},
                 "tokens": np.empty(plan.shard_rows, np.int32), "seq": np.empty(plan.shard_rows, np.int64),
                 "pos": np.empty(plan.shard_rows, np.int32), "keep": np.empty(plan.shard_rows, bool),
                 "heldout": np.empty(plan.shard_rows, bool)} for _ in range(2)]
     bg = _ShardWriterThread(writer, buffers)
-    bar = progress(total=(target_rows or target), initial=start_row, desc="collect", unit="tok", quiet=cfg.quiet)
+    bar = progress(total=(target_rows or target), initial=start_row, desc=f"{label}collect", unit="tok", quiet=quiet)
     row, shard_start, fill = start_row, start_row, 0
     buf = bg.take_buffer()
     pos_row = np.arange(cfg.context, dtype=np.int32)
@@ -214,7 +339,7 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
                 batch = next(batches, None)
                 if batch is None:
                     break
-                ids, acts, _ = run(batch)
+                ids, acts, _ = run.forward(batch)
             else:
                 batch, ids, acts = pending
                 pending = None
@@ -264,9 +389,4 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
         bg.close() if bg.error is None else None
         raise
     bar.close()
-    writer.finish()
-    elapsed = time.perf_counter() - t_start
-    writer.update_attrs(collect_seconds=round(elapsed, 2), loop_seconds=round(time.perf_counter() - t_loop, 3),
-                        loop_tokens=writer.n_committed - start_row)
-    log.info("store %s complete: %s tokens in %.1f s", cfg.out, f"{writer.n_committed:,}", elapsed)
-    return Store.open(cfg.out)
+    return time.perf_counter() - t_loop
