@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.sparse_ops import SparseCodes, sparse_decode, sparse_encode, topk_codes
+from sae.sparse_ops import SparseCodes, sparse_autoencode, topk_autoencode
 
 
 @dataclass
@@ -144,9 +144,8 @@ class TopKSAE(SAE):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
         xc = x - self.b_dec
-        codes, pre = topk_codes(xc, self.enc, self.b_enc, self.cfg.k)
-        recon = sparse_decode(codes, self.W_dec) + self.b_dec
-        return _with_aux(self, x, xc, recon, codes, pre, dead_mask)
+        codes, recon, pre = topk_autoencode(xc, self.enc, self.b_enc, self.W_dec, self.cfg.k)
+        return _with_aux(self, x, xc, recon + self.b_dec, codes, pre, dead_mask)
 
 
 def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, codes: SparseCodes,
@@ -161,8 +160,7 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
         aux_k = sae.cfg.aux_k or sae.cfg.d_in // 2
         if n_dead > 0:
             k_aux = min(aux_k, n_dead)
-            aux_codes, _ = topk_codes(xc, sae.enc, sae.b_enc, k_aux, mask=dead_mask, pre=pre)
-            e_hat = sparse_decode(aux_codes, sae.W_dec)
+            _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, k_aux, mask=dead_mask, pre=pre)
             e = (x - recon).detach()
             aux = min(n_dead / aux_k, 1.0) * (e_hat - e).pow(2).sum() / var
             loss = loss + sae.cfg.aux_coef * aux
@@ -205,10 +203,8 @@ class BatchTopKSAE(SAE):
                 cur = self.threshold[0]
                 new = lo if float(cur) == 0.0 else m * cur + (1 - m) * lo
                 self.threshold.fill_(float(new))
-        vals = F.relu(sparse_encode(xc, self.enc, self.b_enc, cols, offsets, gathered))
-        codes = SparseCodes(cols, offsets, vals, b, n)
-        recon = sparse_decode(codes, self.W_dec) + self.b_dec
-        return _with_aux(self, x, xc, recon, codes, pre, dead_mask)
+        codes, recon = sparse_autoencode(xc, self.enc, self.b_enc, self.W_dec, cols, offsets, gathered, b)
+        return _with_aux(self, x, xc, recon + self.b_dec, codes, pre, dead_mask)
 
 
 class ReLUSAE(SAE):

@@ -21,10 +21,13 @@ def synthetic_rows(n: int, d: int, n_features: int, active: int, seed: int = 0, 
     # Zipf-like feature frequencies, like real features
     p = 1.0 / np.arange(1, n_features + 1) ** 0.6
     p /= p.sum()
-    idx = np.stack([rng.choice(n_features, size=active, replace=False, p=p) for _ in range(n)]) if n <= 20000 \
-        else rng.choice(n_features, size=(n, active), p=p)
-    vals = rng.exponential(1.0, size=(n, active)).astype(np.float32)
-    x = np.einsum("na,nad->nd", vals, D[idx]) + noise * rng.standard_normal((n, d)).astype(np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 8192):  # chunks keep the [rows, active, d] gather small
+        m = min(8192, n - s)
+        idx = np.argsort(rng.random((m, n_features)) ** (1.0 / p), axis=1)[:, -active:] if n_features <= 256 \
+            else rng.choice(n_features, size=(m, active), p=p)
+        vals = rng.exponential(1.0, size=(m, active)).astype(np.float32)
+        x[s:s + m] = np.einsum("na,nad->nd", vals, D[idx]) + noise * rng.standard_normal((m, d)).astype(np.float32)
     return ((x + offset) * scale).astype(np.float32)
 
 

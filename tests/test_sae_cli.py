@@ -11,6 +11,15 @@ from sae.io import load_sae
 from sae.synthetic import synthetic_rows, write_synthetic_store
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP hand-off costs (large on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return write_synthetic_store(str(tmp_path_factory.mktemp("cli") / "s.zarr"), n_tokens=8192, d=16,
