@@ -1,0 +1,311 @@
+"""Full evaluation of an SAE: reconstruction and sparsity on a store's held-out rows, plus (with a
+model) downstream CE loss / KL with the SAE spliced in (`sae.splice`).
+
+Every figure is a ratio of sums streamed over the evaluated rows in float64, so it is exact for any
+number of rows and does not depend on the batch size:
+
+    FVU            Σ‖x − x̂‖² / Σ‖x − x̄‖²   (x̄ = mean of the evaluated rows; pooled, not per batch)
+    explained var. 1 − FVU
+    mse            Σ‖x − x̂‖² / (n·d)         (per element, as SAELens/SAEBench)
+    sq_err_per_token Σ‖x − x̂‖² / n           (summed over dimensions, as dictionary_learning)
+    cossim         mean over rows of x·x̂ / (‖x‖‖x̂‖)
+    l2_ratio       mean over rows of ‖x̂‖ / ‖x‖
+    l0             mean over rows of #{i : f_i(x) > 0}
+    density_i      #{rows where f_i > 0} / n;  dead: density 0;  dense: density > 0.1
+
+    from sae.evaluate import evaluate_sae, evaluate_rows
+    m = evaluate_sae(sae, store, "layers.6.resid_post", tokens=100_000, ce_tokens=8192)   # loads the model
+    m = evaluate_sae(sae, store, hook, tokens=8192)                # cheap part only, no model
+    m = evaluate_rows(sae, x_heldout, input_scale=scale)           # rows already in memory
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from collect.errors import UserError
+from collect.progress import progress
+from collect.store import Store
+from sae.architectures import SAE
+
+log = logging.getLogger(__name__)
+
+DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
+HIST_EDGES = [x / 2 for x in range(-16, 1)]  # log10 density bins: -8, -7.5, …, 0 (values below -8 clip into the first)
+SPLITS = ("heldout", "train", "all")
+
+
+class _Moments:
+    """Streaming n, mean and Σ‖x − mean‖² (Chan et al.'s pairwise merge, float64)."""
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.mean = torch.zeros(d, dtype=torch.float64)
+        self.m2 = 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        xd = x.double().cpu()
+        mb = xd.mean(0)
+        m2b = float((xd - mb).pow(2).sum())
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b + float(delta.pow(2).sum()) * self.n * nb / n
+        self.mean += delta * (nb / n)
+        self.n = n
+
+
+@dataclass
+class _RowSet:
+    """Reconstruction sums for one set of rows (keep rows, keep + outliers, all rows)."""
+    d: int
+    moments: _Moments = None  # type: ignore[assignment]
+    sq_err: float = 0.0
+    cos: float = 0.0
+    l2_ratio: float = 0.0
+    nonfinite: int = 0
+
+    def __post_init__(self) -> None:
+        self.moments = _Moments(self.d)
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        xd, hd = x.double(), x_hat.double()
+        self.moments.add(x)
+        self.sq_err += float((xd - hd).pow(2).sum())
+        nx, nh = xd.norm(dim=1), hd.norm(dim=1)
+        self.cos += float(((xd * hd).sum(1) / (nx * nh).clamp_min(1e-30)).sum())
+        self.l2_ratio += float((nh / nx.clamp_min(1e-30)).sum())
+
+    def result(self, prefix: str = "") -> dict[str, float]:
+        n = self.moments.n
+        if n == 0:
+            return {f"{prefix}fvu": math.nan, f"{prefix}n_rows": 0}
+        fvu = self.sq_err / max(self.moments.m2, 1e-300)
+        return {f"{prefix}fvu": fvu, f"{prefix}explained_variance": 1.0 - fvu,
+                f"{prefix}mse": self.sq_err / (n * self.d), f"{prefix}sq_err_per_token": self.sq_err / n,
+                f"{prefix}cossim": self.cos / n, f"{prefix}l2_ratio": self.l2_ratio / n, f"{prefix}n_rows": n}
+
+
+@dataclass
+class ReconstructionAccumulator:
+    """Feed batches of raw rows (with masks saying which set each row is in); read exact metrics.
+
+    Primary metrics (fvu, mse, cossim, l2_ratio, l0, densities) are over the rows with `main` true.
+    `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed."""
+    sae: SAE
+    input_scale: float = 1.0
+    fire_counts: torch.Tensor = None  # type: ignore[assignment]
+    active_sum: float = 0.0
+    sets: dict[str, _RowSet] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.sae.cfg.d_in
+        self.fire_counts = torch.zeros(self.sae.cfg.d_sae, dtype=torch.int64)
+        self.sets = {"": _RowSet(d), "with_outliers_": _RowSet(d), "all_rows_": _RowSet(d)}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents in the SAE's units, x̂ in raw units) for raw rows x, inference rule."""
+        s = self.input_scale
+        f = self.sae.encode(x * s if s != 1.0 else x)
+        x_hat = self.sae.decode(f)
+        return f, (x_hat / s if s != 1.0 else x_hat)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None) -> None:
+        dev = next(self.sae.parameters()).device
+        x = x.to(dev, torch.float32)
+        main = torch.ones(len(x), dtype=torch.bool) if main is None else main.cpu()
+        outlier = torch.zeros(len(x), dtype=torch.bool) if outlier is None else outlier.cpu()
+        f, x_hat = self.reconstruct(x)
+        x, x_hat = x.cpu(), x_hat.float().cpu()
+        active = (f > 0).cpu()
+        self.fire_counts += active[main].sum(0)
+        self.active_sum += float(active[main].sum())
+        self.sets[""].add(x[main], x_hat[main])
+        wo = main | outlier
+        self.sets["with_outliers_"].add(x[wo], x_hat[wo])
+        self.sets["all_rows_"].add(x, x_hat)
+
+    @property
+    def n_rows(self) -> int:
+        return self.sets[""].moments.n
+
+    def result(self) -> dict[str, Any]:
+        n = self.n_rows
+        out: dict[str, Any] = {}
+        for prefix, rs in self.sets.items():
+            r = rs.result(prefix)
+            if prefix:  # secondary row sets: the headline reconstruction figures only
+                r = {k: v for k, v in r.items() if k.endswith(("fvu", "explained_variance", "mse", "n_rows"))}
+            out.update(r)
+        density = self.fire_counts.double() / max(n, 1)
+        out["l0"] = self.active_sum / max(n, 1)
+        out["dead_fraction"] = float((self.fire_counts == 0).double().mean())
+        out["dense_fraction"] = float((density > DENSE_THRESHOLD).double().mean())
+        out["latent_density_hist"] = density_histogram(density.numpy())
+        out["d_sae"] = int(self.sae.cfg.d_sae)
+        return out
+
+
+def density_histogram(density: np.ndarray) -> dict[str, Any]:
+    """Counts of log10(density) in HIST_EDGES bins; dead latents (density 0) are counted apart."""
+    live = density[density > 0]
+    vals = np.clip(np.log10(live), HIST_EDGES[0], HIST_EDGES[-1])
+    counts, _ = np.histogram(vals, bins=HIST_EDGES)
+    return {"log10_edges": list(HIST_EDGES), "counts": counts.tolist(), "dead": int((density == 0).sum())}
+
+
+def _batch_rows(d_sae: int) -> int:
+    """Rows per batch so dense latents stay near 256 MB."""
+    return int(max(64, min(4096, (1 << 26) // max(d_sae, 1))))
+
+
+@torch.no_grad()
+def evaluate_rows(sae: SAE, x: torch.Tensor, input_scale: float = 1.0, batch_rows: int | None = None) -> dict[str, Any]:
+    """Cheap metrics on rows already in memory (all treated as evaluated rows): for the trainer's
+    periodic evaluation. `input_scale`: the SAE takes x·input_scale (x̂ is divided back)."""
+    was = sae.training
+    sae.eval()
+    try:
+        acc = ReconstructionAccumulator(sae, input_scale)
+        b = batch_rows or _batch_rows(sae.cfg.d_sae)
+        for s in range(0, len(x), b):
+            acc.add(x[s:s + b])
+        r = acc.result()
+    finally:
+        sae.train(was)
+    return {k: v for k, v in r.items() if not k.startswith(("with_outliers_", "all_rows_"))}
+
+
+def outlier_threshold(store: Store, hook: str) -> float | None:
+    """The collector's norm-outlier threshold at `hook` (outlier_norm × median norm), if recorded."""
+    med = (store.attrs.get("norm_median") or {}).get(hook)
+    k = (store.attrs.get("config") or {}).get("outlier_norm")
+    return None if med is None or k is None else float(k) * float(med)
+
+
+def _split_rows(store: Store, split: str, a: int, b: int) -> np.ndarray:
+    """Rows of [a, b) in the split, keep or not."""
+    if split == "all":
+        return np.ones(b - a, dtype=bool)
+    held = store.heldout(a, b).astype(bool)
+    return held if split == "heldout" else ~held
+
+
+def check_split(store: Store, split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r} is unknown; use one of {', '.join(SPLITS)}")
+    if split == "heldout" and not store.heldout().any():
+        raise UserError(f"store {store.path!r} has no held-out rows (collected with --heldout-fraction "
+                        f"{store.attrs.get('heldout_fraction', 0)}); re-collect with --heldout-fraction 0.05, "
+                        f"or pass --split all to evaluate on rows the SAE was trained on")
+    if not store.split_mask(split).any():
+        raise UserError(f"store {store.path!r} has no keep rows in split {split!r}; use --split all")
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None = None, split: str = "heldout",
+                           input_scale: float = 1.0, batch_rows: int | None = None,
+                           quiet: bool = True) -> dict[str, Any]:
+    """Reconstruction and sparsity over the first `tokens` keep rows of `split` in store order.
+
+    The store is scanned in order until `tokens` keep rows of the split are seen (all of them when
+    None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span."""
+    check_split(store, split)
+    thr = outlier_threshold(store, hook)
+    was = sae.training
+    sae.eval()
+    acc = ReconstructionAccumulator(sae, input_scale)
+    limit = tokens if tokens is not None else store.n_tokens
+    bar = progress(total=limit if tokens is not None else int(store.split_mask(split).sum()),
+                   desc="eval", unit="tok", quiet=quiet)
+    b = batch_rows or _batch_rows(sae.cfg.d_sae)
+    try:
+        for a, e in store.chunk_ranges():
+            if acc.n_rows >= limit:
+                break
+            rows = _split_rows(store, split, a, e)
+            if not rows.any():
+                continue
+            keep = store.keep(a, e).astype(bool)
+            main = rows & keep
+            # stop the span right after the `limit`-th keep row
+            need = limit - acc.n_rows
+            cum = np.cumsum(main)
+            if cum[-1] > need:
+                cut = int(np.searchsorted(cum, need)) + 1
+                rows, main, keep, e = rows[:cut], main[:cut], keep[:cut], a + cut
+            x_all = torch.from_numpy(store.activations(hook, a, e))
+            idx = np.flatnonzero(rows)
+            x = x_all[idx]
+            m = torch.from_numpy(main[idx])
+            if thr is not None:
+                outl = (~m) & (x.norm(dim=1) > thr)
+            else:
+                outl = torch.zeros_like(m)
+            if not torch.isfinite(x[m]).all():
+                raise UserError(f"store {store.path!r} hook {hook!r} has NaN/inf activations in rows [{a}, {e}); "
+                                f"recollect it (e.g. with --dtype float32)")
+            for s in range(0, len(x), b):
+                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b])
+            bar.update(int(m.sum()))
+    finally:
+        bar.close()
+        sae.train(was)
+    r = acc.result()
+    if thr is None:
+        r["with_outliers_fvu"] = r["with_outliers_explained_variance"] = r["with_outliers_mse"] = None
+        r["with_outliers_n_rows"] = None
+    r["outlier_threshold"] = thr
+    r["n_outlier_rows"] = None if thr is None else r["with_outliers_n_rows"] - r["n_rows"]
+    return r
+
+
+def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None = 100_000, ce_tokens: int = 0,
+                 model: Any = None, split: str = "heldout", input_scale: float = 1.0,
+                 batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True) -> dict[str, Any]:
+    """All metrics of `sae` (raw-activation units unless `input_scale` ≠ 1) as one flat dict.
+
+    tokens: keep rows of `split` for reconstruction/sparsity (None: all). ce_tokens: tokens of
+    whole held-out sequences for the downstream CE/KL metrics (0: skip them; no model needed).
+    model: a collect.model.LoadedModel; None loads the store's model when ce_tokens > 0."""
+    st = Store.open(store) if isinstance(store, str) else store
+    if hook not in st.hooks:
+        raise UserError(f"hook point {hook!r} is not in store {st.path!r}; it holds {st.hooks}")
+    if sae.cfg.d_in != st.d_model:
+        raise UserError(f"the SAE takes d_in={sae.cfg.d_in} but store {st.path!r} has d_model={st.d_model}; "
+                        f"pass the store it was trained on")
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"hook_point": hook, "store": st.path, "split": split}
+    out.update(reconstruction_metrics(sae, st, hook, tokens, split, input_scale, batch_rows, quiet))
+    out["recon_seconds"] = round(time.perf_counter() - t0, 3)
+    if ce_tokens and ce_tokens > 0:
+        from sae.splice import downstream_metrics
+        t1 = time.perf_counter()
+        if model is None:
+            model = load_store_model(st, device=str(next(sae.parameters()).device))
+        out.update(downstream_metrics(sae, st, hook, model, ce_tokens, split=split, input_scale=input_scale,
+                                      batch_tokens=ce_batch_tokens, quiet=quiet))
+        out["ce_seconds"] = round(time.perf_counter() - t1, 3)
+    return out
+
+
+def load_store_model(store: Store, device: str = "cpu") -> Any:
+    """Load the model that wrote `store` and check its weights hash."""
+    from collect.model import load_model
+    loaded = load_model(store.model_spec, device=device)
+    if loaded.weights_hash != store.model_hash:
+        raise UserError(f"model {store.model_spec!r} now has weights hash {loaded.weights_hash}, but store "
+                        f"{store.path!r} was collected with {store.model_hash}; evaluate with the same model files")
+    return loaded
