@@ -118,7 +118,7 @@ ROWS = [
     ("mse", "MSE per element"), ("sq_err_per_token", "‖x−x̂‖² per token"), ("cossim", "cosine(x, x̂)"),
     ("l2_ratio", "‖x̂‖/‖x‖"), ("n_rows", "rows"),
     ("with norm outliers / all rows", None),
-    ("with_outliers_fvu", "FVU keep + norm outliers"), ("n_outlier_rows", "norm-outlier rows"),
+    ("with_outliers_fvu", "FVU keep + norm outliers"), ("n_outlier_rows", "norm-outlier rows"), ("n_outlier_rows_at_pos0", "  of which at pos 0 (BOS)"),
     ("all_rows_fvu", "FVU every row (BOS, specials too)"), ("all_rows_n_rows", "rows"),
     ("sparsity", None),
     ("l0", "L0 (active latents/token)"), ("dead_fraction", "dead latents (never fired)"),

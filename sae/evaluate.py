@@ -231,6 +231,7 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
     bar = progress(total=limit if tokens is not None else int(store.split_mask(split).sum()),
                    desc="eval", unit="tok", quiet=quiet)
     b = batch_rows or _batch_rows(sae.cfg.d_sae)
+    n_bos_outliers = 0
     try:
         for a, e in store.chunk_ranges():
             if acc.n_rows >= limit:
@@ -252,6 +253,7 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
             m = torch.from_numpy(main[idx])
             if thr is not None:
                 outl = (~m) & (x.norm(dim=1) > thr)
+                n_bos_outliers += int((outl & torch.from_numpy(store.pos(a, e)[idx] == 0)).sum())
             else:
                 outl = torch.zeros_like(m)
             if not torch.isfinite(x[m]).all():
@@ -269,6 +271,7 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
         r["with_outliers_n_rows"] = None
     r["outlier_threshold"] = thr
     r["n_outlier_rows"] = None if thr is None else r["with_outliers_n_rows"] - r["n_rows"]
+    r["n_outlier_rows_at_pos0"] = None if thr is None else n_bos_outliers  # BOS rows whose norm is massive too
     return r
 
 

@@ -234,5 +234,6 @@ def test_cli_on_real_store_reports_outliers(real, smollm2, monkeypatch, tmp_path
     assert m["n_rows"] == int(store.split_mask("heldout").sum())
     assert m["outlier_threshold"] > 0 and m["with_outliers_n_rows"] == m["n_rows"] + m["n_outlier_rows"]
     assert m["all_rows_n_rows"] == int(store.heldout().sum())
+    assert 0 <= m["n_outlier_rows_at_pos0"] <= m["n_outlier_rows"]
     for k in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_score", "kl_div_sae", "kl_div_score"):
         assert np.isfinite(m[k]), k
