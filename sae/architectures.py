@@ -160,12 +160,34 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
         aux_k = sae.cfg.aux_k or sae.cfg.d_in // 2
         if n_dead > 0:
             k_aux = min(aux_k, n_dead)
-            _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, k_aux, mask=dead_mask, pre=pre)
+            e_hat = _aux_decode(sae, xc, pre, dead_mask, k_aux)
             e = (x - recon).detach()
             aux = min(n_dead / aux_k, 1.0) * (e_hat - e).pow(2).sum() / var
             loss = loss + sae.cfg.aux_coef * aux
     return SAEOutput(recon, loss, {"fvu": loss_fvu.detach(), "aux": aux.detach()},
                      codes.l0().detach(), codes.fire_counts(), codes)
+
+
+def _aux_decode(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Decoding (no b_dec) of each row's top k_aux dead latents.
+
+    When most dead latents are picked in every row (k_aux close to the number dead), the codes are
+    nearly dense over the dead columns, and plain matmuls on those columns beat sparse kernels;
+    otherwise the sparse path is used.
+    """
+    dead_idx = dead_mask.nonzero().squeeze(1)
+    if 4 * k_aux < len(dead_idx):
+        _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, k_aux, mask=dead_mask, pre=pre)
+        return e_hat
+    with torch.no_grad():
+        sub = pre.index_select(1, dead_idx)
+        keep = torch.zeros_like(sub, dtype=torch.bool)
+        if k_aux < len(dead_idx):
+            keep.scatter_(1, sub.topk(k_aux, dim=1, sorted=False).indices, True)
+        else:
+            keep.fill_(True)
+    acts = F.relu(F.linear(xc, sae.enc[dead_idx], sae.b_enc[dead_idx])) * keep
+    return acts @ sae.W_dec[dead_idx]
 
 
 class BatchTopKSAE(SAE):

@@ -128,3 +128,24 @@ def test_kernels_with_float32_and_repeated_latents():
     gout = torch.randn_like(recon)
     for a, b in zip(torch.autograd.grad(recon, ps, gout), torch.autograd.grad(ref, ps, gout)):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_auxk_dense_and_sparse_paths_agree_with_reference():
+    """AuxK decodes the top k_aux dead latents (no b_dec), by either path, with matching grads."""
+    from sae.architectures import _aux_decode
+    torch.manual_seed(0)
+    sae = TopKSAE(ArchConfig("topk", d_in=12, d_sae=60, k=3)).double()
+    x = torch.randn(16, 12, dtype=torch.float64)
+    xc = x - sae.b_dec
+    pre = torch.addmm(sae.b_enc, xc, sae.enc.t()).detach()
+    for n_dead, k_aux in ((40, 5), (8, 6), (8, 8)):  # sparse path, dense subset path, all dead picked
+        dead = torch.zeros(60, dtype=torch.bool)
+        dead[torch.randperm(60)[:n_dead]] = True
+        got = _aux_decode(sae, xc, pre, dead, k_aux)
+        ref = _dense_topk_loss(x, sae.enc, sae.b_enc, sae.W_dec, sae.b_dec, k_aux, dead) - sae.b_dec
+        assert torch.allclose(got, ref, atol=1e-10)
+        ps = list(sae.parameters())
+        gout = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, ps, gout, allow_unused=True),
+                        torch.autograd.grad(ref, ps, gout, allow_unused=True)):
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10)
