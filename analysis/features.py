@@ -113,34 +113,38 @@ class TopBuffer:
 
     def merge(self, lat: torch.Tensor, key: torch.Tensor, block: "Block", tri_rows: torch.Tensor,
               tri_vals: torch.Tensor) -> None:
-        """Merge candidate triples (keys per triple) into the buffer; windows only for winners."""
-        d, n = self.d_sae, self.n
-        idx, l_sel, rank = _per_latent_best(lat, key, n, d)
-        cand_key = torch.full((d, n), NEG_INF)
-        cand_key[l_sel, rank] = key[idx]
-        cand_idx = torch.full((d, n), -1, dtype=torch.int64)
-        cand_idx[l_sel, rank] = idx
-        new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)
-        from_new = (pos >= n) & (new_key > NEG_INF)  # empty candidate slots never enter
-        # latents whose buffer changed: only those rows are rewritten
-        changed = from_new.any(1).nonzero().squeeze(1)
-        if changed.numel() == 0:
+        """Merge candidate triples (keys per triple) into the buffer; windows only for winners.
+
+        Only triples whose key beats their latent's current N-th key can enter, so after warm-up
+        almost every triple is dropped before any sorting, and only latents with an entrant are touched."""
+        n = self.n
+        live = (key > self.key[lat, n - 1]).nonzero().squeeze(1)
+        if live.numel() == 0:
             return
-        p = pos[changed]
-        fn = from_new[changed]
+        idx, l_sel, rank = _per_latent_best(lat[live], key[live], n, self.d_sae)
+        idx = live[idx]
+        changed = l_sel.unique()
+        slot = torch.searchsorted(changed, l_sel)
+        m = changed.numel()
+        cand_key = torch.full((m, n), NEG_INF)
+        cand_key[slot, rank] = key[idx]
+        cand_idx = torch.full((m, n), -1, dtype=torch.int64)
+        cand_idx[slot, rank] = idx
+        new_key, p = torch.cat([self.key[changed], cand_key], 1).topk(n, dim=1)
+        fn = (p >= n) & (new_key > NEG_INF)  # empty candidate slots never enter
         old_p = p.clamp(max=n - 1)  # an empty new slot lands on an empty old slot (the buffer was not full)
         val = self.val[changed].gather(1, old_p)
         row = self.row[changed].gather(1, old_p)
         tok = self.tok[changed].gather(1, old_p.unsqueeze(2).expand(-1, -1, self.width))
         win = self.win[changed].gather(1, old_p.unsqueeze(2).expand(-1, -1, self.width))
-        t = cand_idx[changed].gather(1, (p - n).clamp(min=0))[fn]  # triple index of each new winner
+        t = cand_idx.gather(1, (p - n).clamp(min=0))[fn]  # triple index of each new winner
         local = tri_rows[t]
         val[fn] = tri_vals[t]
         row[fn] = block.rows[local]
         wt, wv = block.windows(local, lat[t], self.width // 2)
         tok[fn] = wt
         win[fn] = wv
-        self.key[changed] = new_key[changed]
+        self.key[changed] = new_key
         self.val[changed] = val
         self.row[changed] = row
         self.tok[changed] = tok
