@@ -81,7 +81,7 @@ def _vector_at(vec: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def steer_fn(vector: torch.Tensor, tracker: PositionTracker, coeff: float = 1.0, op: str = "add",
-             positions: str = "all", latent: SaeLatent | None = None):
+             positions: str = "all", latent: SaeLatent | None = None, skip_first: int = 0):
     """The edit function for one hook point (see `steer`)."""
     if op not in OPS:
         raise UserError(f"--op {op!r} is not known; use one of {list(OPS)}")
@@ -95,6 +95,9 @@ def steer_fn(vector: torch.Tensor, tracker: PositionTracker, coeff: float = 1.0,
     def fn(x: torch.Tensor, call: HookCall) -> torch.Tensor:
         pos = tracker.positions(x, call)
         m = tracker.mask(positions, pos)
+        if skip_first:
+            keep = pos >= skip_first
+            m = keep if m is None else m & keep
         v = _vector_at(vector.to(device=x.device, dtype=x.dtype), pos)
         if op == "add":
             delta = coeff * v
@@ -103,7 +106,7 @@ def steer_fn(vector: torch.Tensor, tracker: PositionTracker, coeff: float = 1.0,
             delta = -(x @ d).unsqueeze(-1) * d
         else:
             a = latent.encode(x.float()).to(x.dtype)
-            delta = (coeff - a).unsqueeze(-1) * latent.d_dec.to(device=x.device, dtype=x.dtype)
+            delta = (coeff - a).unsqueeze(-1) * v     # v is the latent's decoder row (or a control of equal norm)
         if m is not None:
             delta = delta * m.unsqueeze(-1).to(x.dtype)
         return x + delta
@@ -113,13 +116,15 @@ def steer_fn(vector: torch.Tensor, tracker: PositionTracker, coeff: float = 1.0,
 @contextlib.contextmanager
 def steer(model: torch.nn.Module, vector: SteeringVector | dict[str, torch.Tensor], coeff: float = 1.0,
           op: str = "add", positions: str = "all", prompt_lengths: Sequence[int] | torch.Tensor | int | None = None,
-          norm_scale: float | dict[str, float] | None = None, latent: SaeLatent | None = None
-          ) -> Iterator[PositionTracker]:
+          norm_scale: float | dict[str, float] | None = None, latent: SaeLatent | None = None,
+          skip_first: int = 0) -> Iterator[PositionTracker]:
     """Steer `model` inside the block; hooks are always removed on exit.
 
     add: x + coeff·v at the selected positions. With `norm_scale` the coefficient is relative:
     x + coeff·norm_scale·v/|v| (norm_scale = typical residual norm at that point, from the store).
-    ablate: x − (x·v̂)v̂. clamp: x + (coeff − a(x))·d_dec, a(x) the SAE latent's activation.
+    ablate: x − (x·v̂)v̂. clamp: x + (coeff − a(x))·v, a(x) the SAE latent's activation and v its decoder
+    row (the vector from `from_sae`; a random vector there gives the control).
+    `skip_first` leaves absolute positions below it alone (1 = spare the attention-sink first token).
     `prompt_lengths` (per row, in position_ids units) is only needed for teacher-forced forwards that
     hold prompt and continuation in one call; `generate` is handled without it."""
     dirs = vector.directions if isinstance(vector, SteeringVector) else vector
@@ -134,7 +139,7 @@ def steer(model: torch.nn.Module, vector: SteeringVector | dict[str, torch.Tenso
             ns = norm_scale[point] if isinstance(norm_scale, dict) else norm_scale
             n = vec.norm(dim=-1).max() if vec.ndim == 2 else vec.norm()
             c = coeff * float(ns) / float(n)
-        fns[point] = steer_fn(vec, tracker, c, op, positions, latent)
+        fns[point] = steer_fn(vec, tracker, c, op, positions, latent, skip_first)
     with hooks(model, fns):
         yield tracker
 

@@ -2,7 +2,7 @@
 saved file), print base and steered generations side by side, sweep coefficients, and save the
 direction as .safetensors / .npy / .bin / llama.cpp control-vector GGUF.
 
-    saeforge steer --model smollm2-135m --add "Love" --sub "Hate" --source-layer 4 --layer 6 --coeff 4 \\
+    saeforge steer --model smollm2-135m --add "Love" --sub "Hate" --source-layer 4 --layer 6 --coeff 1 \\
         --prompt "I hate you because" --max-new-tokens 40 --seed 0 --sweep 0,2,4,8 --gguf love.gguf
 """
 from __future__ import annotations
@@ -44,14 +44,18 @@ class SteerConfig:
     source_layer: str | None = field(default=None, metadata=_h("layer (or hook point) the direction is read at; "
                                                                "default: each --layer"))
     # where and how
-    layer: str = field(default="6", metadata=_h("inject layer(s): 6, 4,6,8 or a hook point; a bare number means "
-                                                "layers.N.resid_post"))
-    coeff: float = field(default=4.0, metadata=_h("multiplier (add), or the clamp value (clamp)"))
+    layer: str | None = field(default=None, metadata=_h("inject layer(s): 6, 4,6,8 or a hook point; a bare number "
+                                                        "means layers.N.resid_post; default: the SAE's hook point, "
+                                                        "the saved file's, or 6"))
+    coeff: float = field(default=1.0, metadata=_h("multiplier of the raw direction (add), or the clamp value "
+                                                  "(clamp); SmolLM2 Love−Hate: 0.5-2 works, 4+ breaks text"))
     coeff_relative: bool = field(default=False, metadata=_h("coeff × typical residual norm × unit direction"))
     norm_scale: float | None = field(default=None, metadata=_h("typical residual norm for --coeff-relative"))
     store: str | None = field(default=None, metadata=_h("activation store whose norm_median gives the norm scale"))
     op: str = field(default="add", metadata=_h("add, ablate or clamp"))
     positions: str = field(default="all", metadata=_h("all, prompt or generated"))
+    skip_first: int = field(default=0, metadata=_h("leave absolute positions below this alone (1 spares the "
+                                                   "attention-sink first token; llama.cpp steers it)"))
     # generation and evaluation
     prompt: str = field(default="I hate you because", metadata=_h("prompt to continue"))
     chat: bool = field(default=False, metadata=_h("wrap the prompt in the model's chat template"))
@@ -99,7 +103,7 @@ class SteerConfig:
 
 def _points(model, cfg: SteerConfig) -> list[str]:
     from analysis.directions import canonical_point
-    return [canonical_point(model, x) for x in cfg.layer.split(",") if x.strip()]
+    return [canonical_point(model, x) for x in (cfg.layer or "6").split(",") if x.strip()]
 
 
 def build_vector(lm, cfg: SteerConfig):
@@ -110,7 +114,7 @@ def build_vector(lm, cfg: SteerConfig):
     latent = None
     if cfg.load:
         sv = load_safetensors(cfg.load)
-        if cfg.layer != SteerConfig.layer:   # re-target a saved single direction
+        if cfg.layer:   # re-target a saved single direction
             vec = next(iter(sv.directions.values()))
             sv.directions = {p: vec for p in _points(model, cfg)}
         if sv.d_model != D._d_model(model):
@@ -118,7 +122,7 @@ def build_vector(lm, cfg: SteerConfig):
         return sv, None
     points = _points(model, cfg)
     if cfg.sae:
-        layers = points if cfg.layer != SteerConfig.layer else None
+        layers = points if cfg.layer else None
         sv = D.from_sae(model, cfg.sae, cfg.latent, layers)
         if cfg.op == "clamp":
             latent, _ = D.load_sae_latent(cfg.sae, cfg.latent)
@@ -197,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out} ({slots}; llama.cpp: --control-vector {out})")
 
     ids = encode(tok, cfg.prompt, cfg.chat)
-    kw = dict(coeff=cfg.coeff, op=cfg.op, positions=cfg.positions, norm_scale=scales, latent=latent)
+    kw = dict(coeff=cfg.coeff, op=cfg.op, positions=cfg.positions, norm_scale=scales, latent=latent,
+              skip_first=cfg.skip_first)
     base_cont = None
     if not cfg.no_generate and cfg.max_new_tokens > 0:
         base_cont = generate(model, tok, ids, cfg.max_new_tokens, cfg.seed, cfg.temperature)
@@ -214,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_cont = generate(model, tok, ids, min(cfg.max_new_tokens, 20) or 20, cfg.seed, 0.0)
         rows = sweep(model, tok, sv, sweep_vals, ids, targets, read_neutral(cfg.neutral_file), op=cfg.op,
                      positions=cfg.positions, norm_scale=scales, latent=latent, cont=base_cont, seed=cfg.seed,
+                     skip_first=cfg.skip_first,
                      progress=lambda xs: progress(xs, desc="sweep", unit="coeff", quiet=cfg.quiet))
         print(f"\nsweep at {', '.join(sv.points)} (targets {[tok.decode([t]) for t in targets]}, Δ vs base over the "
               f"base continuation; random = Gaussian direction of equal norm, seed {cfg.seed})")

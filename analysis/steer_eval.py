@@ -136,7 +136,7 @@ class SweepRow:
 def sweep(model, tokenizer, vector: SteeringVector, coeffs: Sequence[float], prompt_ids: torch.Tensor,
           targets: list[int], neutral: list[str], *, op: str = "add", positions: str = "all",
           norm_scale: float | dict | None = None, latent=None, cont: torch.Tensor | None = None,
-          seed: int = 0, progress: Callable | None = None) -> list[SweepRow]:
+          seed: int = 0, skip_first: int = 0, progress: Callable | None = None) -> list[SweepRow]:
     """One row per coefficient for the vector and for a random direction of equal norm (seed fixed).
 
     Δlog-prob is measured on `cont` (the base model's continuation, teacher-forced), so every row
@@ -151,7 +151,7 @@ def sweep(model, tokenizer, vector: SteeringVector, coeffs: Sequence[float], pro
     for c in it:
         figs = []
         for v in (vector, rand):
-            kw = dict(coeff=c, op=op, norm_scale=norm_scale, latent=latent)
+            kw = dict(coeff=c, op=op, norm_scale=norm_scale, latent=latent, skip_first=skip_first)
             lp = target_logprob(model, prompt_ids, cont, targets,
                                 steer(model, v, positions=positions, prompt_lengths=[n_prompt], **kw))
             kl = kl_from_base(base_neutral, neutral_logprobs(model, tokenizer, neutral, steer(model, v, **kw)))

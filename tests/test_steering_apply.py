@@ -188,3 +188,14 @@ def test_bad_operator_and_positions_are_user_errors():
     with pytest.raises(UserError, match="out of range"):
         with steer(model, {"layers.9.resid_post": torch.ones(32)}):
             pass
+
+
+def test_skip_first_spares_the_leading_positions():
+    model = tiny_model("llama")
+    ids = torch.arange(1, 6).unsqueeze(0)
+    got, plain = [], []
+    with steer(model, {POINT: torch.ones(32)}, coeff=2.0, skip_first=1), hooks(model, {POINT: _record(got)}):
+        model(input_ids=ids, use_cache=False)
+    with hooks(model, {POINT: _record(plain)}):
+        model(input_ids=ids, use_cache=False)
+    torch.testing.assert_close((got[0] - plain[0]).mean(-1), torch.tensor([[0, 2, 2, 2, 2.]]), atol=1e-5, rtol=0)
