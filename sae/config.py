@@ -44,7 +44,7 @@ class TrainConfig:
     wandb_project: str = _f("saeforge", "wandb project")
     checkpoint_every: int = _f(1_000_000, "tokens between checkpoints (0: only on interrupt)")
     dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
-    warmup_steps: int = _f(1000, "linear lr warm-up steps (capped at 10% of the run)")
+    warmup_steps: int = _f(1000, "linear lr warm-up steps (capped at a tenth of the run)")
     decay_fraction: float = _f(0.2, "linear lr decay to 0 over this final fraction of steps")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     aux_k: int = _f(0, "AuxK latents (0: d_in/2)")

@@ -105,3 +105,10 @@ def test_export_errors(tmp_path, capsys):
     assert "not an SAE directory" in capsys.readouterr().err
     (tmp_path / "d").mkdir()
     assert dispatch(["export", str(tmp_path / "d"), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("cmd", ["train", "export"])
+def test_help_works(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        dispatch([cmd, "--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
