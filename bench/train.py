@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--buffer-rows", type=int, default=1 << 17)
     p.add_argument("--quality-tokens", type=int, default=0, help="also compare held-out FVU after this many tokens")
+    p.add_argument("--no-speed", action="store_true", help="skip the step and loader timings")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
@@ -223,15 +224,20 @@ def main(argv: list[str] | None = None) -> int:
             hook = store.hooks[0]
         print(f"store {store.path}: {store.n_tokens:,} rows, d={store.d_model}, hook {hook}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        rates = bench_steps(store, hook, a.k, a.batch_size, a.reps, tmp)
-        fill, rows = bench_loader(store, hook, a.batch_size, a.buffer_rows)
-        print(f"\nloader: buffers fill at {fill:,.0f} rows/s (whole-chunk reads, keep & ~heldout filter, "
-              f"shuffle; {store.dtype} → float32); iterator delivers {rows:,.0f} rows/s over two epochs")
-        print("  trainer consumes " + ", ".join(f"{r:,.0f} tokens/s at d_sae {n}" for n, r in rates.items())
-              + f" → the loader has {fill / max(rates.values()):.0f}× headroom")
+        if not a.no_speed:
+            bench_speed(store, hook, a, tmp)
         if a.quality_tokens:
             bench_quality(store, hook, a.k, 8, a.batch_size, a.quality_tokens, tmp)
     return 0
+
+
+def bench_speed(store: Store, hook: str, a: argparse.Namespace, tmp: Path) -> None:
+    rates = bench_steps(store, hook, a.k, a.batch_size, a.reps, tmp)
+    fill, rows = bench_loader(store, hook, a.batch_size, a.buffer_rows)
+    print(f"\nloader: buffers fill at {fill:,.0f} rows/s (whole-chunk reads, keep & ~heldout filter, "
+          f"shuffle; {store.dtype} → float32); iterator delivers {rows:,.0f} rows/s over two epochs")
+    print("  trainer consumes " + ", ".join(f"{r:,.0f} tokens/s at d_sae {n}" for n, r in rates.items())
+          + f" → the loader has {fill / max(rates.values()):.0f}× headroom")
 
 
 if __name__ == "__main__":
