@@ -127,14 +127,20 @@ def bars_svg(heights: list[float], centres: list[float], width: int = 420, heigh
 
 
 def example_html(a: dict, scale: float) -> str:
-    """One context: tokens shaded by the latent's activation, the value in each tooltip."""
+    """One context: tokens shaded by the latent's activation, the value in each tooltip.
+
+    Tokens where the latent is silent are plain text: most of a context window is, and a span
+    with style and tooltip on each of them made pages ~4× larger."""
     spans = []
     for j, (tok, v) in enumerate(zip(a["tokens"], a["values"])):
+        is_max = j == a["maxValueTokenIndex"]
+        if v == 0 and not is_max:
+            spans.append(token_html(tok))
+            continue
         alpha = max(0.0, min(1.0, v / scale)) if scale > 0 else 0.0
-        cls = "t max" if j == a["maxValueTokenIndex"] else "t"
-        style = f' style="background:rgba(255,140,0,{alpha:.3f})"' if alpha > 0 else ""
-        tip = f"{tok!r}  activation {v:.4g}" + (f"  (token {a['token_ids'][j]})" if "token_ids" in a else "")
-        spans.append(f'<span class="{cls}"{style} title="{_e(tip)}">{token_html(tok)}</span>')
+        cls = "t max" if is_max else "t"
+        style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
+        spans.append(f'<span class="{cls}"{style} title="activation {v:.4g}">{token_html(tok)}</span>')
     return f'<div class="ex"><span class="v">{_e(fmt(a["maxValue"]))}</span>{"".join(spans)}</div>'
 
 
