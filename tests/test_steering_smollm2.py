@@ -114,3 +114,28 @@ def test_cli_user_errors_exit_2(smollm2, monkeypatch, capsys):
     assert "out of range" in capsys.readouterr().err
     assert run_cli(main, ["--add", "Love", "--op", "clamp"]) == 2
     assert "--sae" in capsys.readouterr().err
+
+
+def test_cli_sae_latent_clamp_exports_the_decoder_row(smollm2, tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    import collect.model
+    from analysis.steer_cli import main
+    from analysis.steer_files import load_gguf
+    monkeypatch.setattr(collect.model, "load_model", lambda *a, **k: smollm2)
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.nn.functional.normalize(torch.randn(8, 576, generator=g), dim=-1)
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    save_file({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(8), "W_dec": W_dec, "b_dec": torch.zeros(576)},
+              str(sae / "sae.safetensors"))
+    (sae / "cfg.json").write_text(json.dumps({"architecture": "relu", "d_in": 576, "d_sae": 8,
+                                              "hook_point": "layers.6.resid_post", "model": "smollm2-135m"}))
+    rc = run_cli(main, ["--sae", str(sae), "--latent", "3", "--op", "clamp", "--coeff", "5", "--no-generate",
+                        "--gguf", str(tmp_path / "f.gguf"), "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    got = load_gguf(tmp_path / "f.gguf")
+    assert list(got) == [6]
+    np.testing.assert_allclose(got[6], W_dec[3].numpy(), rtol=1e-6)
