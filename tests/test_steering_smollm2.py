@@ -55,8 +55,11 @@ def test_ablation_removes_the_projection_on_smollm2(smollm2, love):
 @pytest.mark.parametrize("positions", ["generated", "prompt"])
 def test_position_masks_on_a_left_padded_batch_with_kv_cache(smollm2, love, positions):
     model, tok = smollm2.model, smollm2.tokenizer
-    tok.padding_side = "left"
-    batch = tok(["I hate you because", "Well,"], return_tensors="pt", padding=True)
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        batch = tok(["I hate you because", "Well,"], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side            # the tokenizer is shared by the whole session
     ids, mask = batch.input_ids, batch.attention_mask
     assert mask[1, 0] == 0                      # the second row really is left-padded
     T, vec = ids.shape[1], COEFF * love.directions[INJECT]
