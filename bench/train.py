@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collect.store import Store  # noqa: E402
+from collect.store import ShardPlan, Store, StoreWriter  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
 from sae.init import geometric_median  # noqa: E402
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows  # noqa: E402
@@ -94,6 +94,7 @@ def sparsify_stepper(d: int, n: int, k: int, b_dec: torch.Tensor, lr: float):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sc.set_decoder_norm_to_unit_norm()
+    step.coder = sc  # type: ignore[attr-defined]
     return step
 
 
@@ -190,12 +191,43 @@ def bench_quality(store: Store, hook: str, k: int, expansion: int, batch: int, t
     with torch.no_grad():
         f = dense.encode(held)
         dense_fvu = float((dense.decode(f) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+    sp_line = ""
+    sp = sparsify_stepper(store.d_model, n, k, geometric_median(sample[:16384]), lr)
+    if sp is not None:
+        it = iter(ShuffledLoader(store, hook, batch, seed=tr.cfg.seed))
+        t = time.perf_counter()
+        for _ in range(tokens // batch):
+            sp(next(it) * tr.scale)
+        t_sp = time.perf_counter() - t
+        sc = sp.coder
+        with torch.no_grad():
+            out = sc(held)
+            sp_fvu = float((out.sae_out - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+        sp_line = (f"  sparsify  FVU {sp_fvu:.4f}  L0 {k}  ({tokens / t_sp:,.0f} tokens/s; its step with Adam at the "
+                   f"same lr, same b_dec init and data order)")
     print(f"\nheld-out FVU after {tokens:,} tokens (d_sae {n}, k {k}, lr {lr:.2e}, {len(held)} held-out rows, "
           f"keep=True only):")
     print(f"  saeforge  FVU {ours['heldout_fvu']:.4f}  L0 {ours['heldout_l0']:.1f}  dead {ours['heldout_dead_fraction']:.3f}"
           f"  ({tokens / t_ours:,.0f} tokens/s end to end, loader and evaluation included)")
     print(f"  dense     FVU {dense_fvu:.4f}  L0 {k}  ({tokens / t_dense:,.0f} tokens/s; plain Adam at the same lr, "
           f"same b_dec init and data order, no AuxK/schedule/projection)")
+    if sp_line:
+        print(sp_line)
+
+
+def with_heldout(store: Store, hook: str, path: str, every: int) -> Store:
+    """A copy of one hook of `store` with every `every`-th sequence marked held out (for partial
+    collections whose held-out documents come later); keep and everything else unchanged."""
+    drop = ("format", "format_version", "n_tokens", "complete", "chunk_rows", "shard_rows")
+    attrs = {**{k: v for k, v in store.attrs.items() if k not in drop}, "hook_points": [hook]}
+    w = StoreWriter(path, attrs, ShardPlan(chunk_rows=store.chunk_rows, shard_rows=store.shard_rows))
+    for s in range(0, store.n_tokens, store.shard_rows):
+        e = min(s + store.shard_rows, store.n_tokens)
+        seq = store.seq(s, e)
+        w.write(s, {hook: store.raw_activations(hook, s, e), "tokens": store.tokens(s, e), "seq": seq,
+                    "pos": store.pos(s, e), "keep": store.keep(s, e), "heldout": (seq % every) == every - 1})
+    w.finish()
+    return Store.open(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffer-rows", type=int, default=1 << 17)
     p.add_argument("--quality-tokens", type=int, default=0, help="also compare held-out FVU after this many tokens")
     p.add_argument("--no-speed", action="store_true", help="skip the step and loader timings")
+    p.add_argument("--heldout-every", type=int, default=20,
+                   help="for a store without held-out rows: hold out every N-th sequence of a copy")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
@@ -217,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.store:
             store = Store.open(a.store)
             hook = a.hook or store.hooks[0]
+            if a.quality_tokens and not store.split_mask("heldout").any():
+                print(f"store has no held-out rows yet: evaluating on every {a.heldout_every}th sequence of a "
+                      f"temporary copy, never trained on")
+                store = with_heldout(store, hook, str(tmp / "heldout_copy.zarr"), a.heldout_every)
         else:
             print("writing a synthetic store (d=576, 196,608 rows, float16)…")
             store = write_synthetic_store(str(tmp / "syn.zarr"), n_tokens=196608, d=576, n_features=8192, active=24,
