@@ -16,14 +16,29 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+SF := $(VENV)/bin/saeforge
+RUN := runs/quickstart
+
+# The whole pipeline on configs/quickstart.toml (an interrupted collect resumes where it stopped).
 demo: $(STAMP)
-	WANDB_MODE=offline $(PY) -m collect collect configs/quickstart.toml
+	$(SF) collect configs/quickstart.toml
+	$(SF) train configs/quickstart.toml
+	$(SF) eval $(RUN)/sae --store $(RUN)/store.zarr --ce-tokens 4096
+	$(SF) features $(RUN)/sae --store $(RUN)/store.zarr --out $(RUN)/features --top 20
+	$(SF) lens --model smollm2-135m --prompt "The Eiffel Tower is in the city of" --target " Paris" --out $(RUN)/lens
+	$(SF) patch --model smollm2-135m --clean "The Eiffel Tower is in the city of" \
+	    --corrupt "The Colosseum is in the city of" --answer " Paris" --wrong " Rome" --hook resid_post --out $(RUN)/patch
+	$(SF) steer --model smollm2-135m --add "Love" --sub "Hate" --source-layer 4 --layer 6 --coeff 1 \
+	    --prompt "I hate you because" --max-new-tokens 30 --seed 0 --sweep 0.5,1,2 \
+	    --save $(RUN)/love.safetensors --gguf $(RUN)/love.gguf --npy $(RUN)/love.npy --bin $(RUN)/love.bin
+	@echo "dashboard: $(RUN)/features/index.html   wandb runs: ./wandb (upload with: wandb sync wandb/offline-run-*)"
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/collect.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) runs wandb
