@@ -15,7 +15,8 @@ from sae.architectures import ARCHITECTURES, ArchConfig
 WANDB_MODES = ("online", "offline", "disabled")
 # fields that may change between an interrupted run and its --resume (they do not affect weights)
 RESUMABLE_CHANGES = frozenset({"resume", "quiet", "wandb", "wandb_project", "device", "threads",
-                               "checkpoint_every", "log_every", "eval_every", "eval_rows", "buffer_rows"})
+                               "checkpoint_every", "log_every", "eval_every", "eval_rows", "eval_ce_tokens",
+                               "buffer_rows"})
 
 
 def _f(default, help: str):  # noqa: A002 - mirrors dataclasses.field's metadata use
@@ -57,6 +58,7 @@ class TrainConfig:
     log_every: int = _f(10, "steps between wandb metric logs")
     eval_every: int = _f(200, "steps between held-out evaluations and latent-density histograms")
     eval_rows: int = _f(8192, "held-out rows for evaluation")
+    eval_ce_tokens: int = _f(0, "tokens for the final CE/KL evaluation with the SAE spliced in (0: skip; loads the model)")
 
     def validate(self) -> None:
         if not self.store:
@@ -77,6 +79,8 @@ class TrainConfig:
             raise UserError(f"--batch-size {self.batch_size} must be at least 2")
         if self.tokens < self.batch_size:
             raise UserError(f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size})")
+        if self.eval_ce_tokens < 0:
+            raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
         if self.wandb not in WANDB_MODES:
             raise UserError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
         if not 0 <= self.decay_fraction <= 1:

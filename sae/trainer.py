@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_member
 from sae.init import geometric_median, unit_norm_scale
 from sae.io import save_sae
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
-from sae.metrics import evaluate_reconstruction
+from sae.evaluate import evaluate_rows
 from sae.schedule import lr_at, warmup_steps_for
 from sae.wandb_log import RunLogger
 
@@ -246,6 +247,8 @@ class Trainer:
         final = self._evaluate(logger, heldout, final=True)
         dirs = self._save(final, rate)
         logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
+        if len(heldout):
+            logger.summary(self._full_eval(dirs))
         logger.finish()
         checkpoint_path(self.out).unlink(missing_ok=True)
         return TrainResult(dirs, final, self.step * cfg.batch_size, False, rate)
@@ -269,7 +272,9 @@ class Trainer:
         for m in self.members:
             d: dict[str, float] = {}
             if len(heldout):
-                d.update(evaluate_reconstruction(m.sae, heldout).as_dict("heldout_"))
+                # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + input_scale
+                r = evaluate_rows(m.sae, heldout / self.scale, input_scale=self.scale)
+                d.update({f"heldout_{k}": v for k, v in r.items() if k not in ("latent_density_hist", "d_sae")})
             d["train_fvu"] = float(m.last.get("fvu", math.nan))
             d["train_l0"] = float(m.last.get("l0", math.nan))
             d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_tokens).float().mean())
@@ -281,6 +286,18 @@ class Trainer:
             m.window_counts.zero_()
         return res
 
+    def _full_eval(self, dirs: list[Path]) -> dict[str, float]:
+        """`saeforge eval` on each saved SAE (eval.json beside it); scalars as {name}/eval/{k}."""
+        from sae.eval_cli import EvalConfig, run_eval
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        for m, d in zip(self.members, dirs):
+            res, _ = run_eval(str(d), EvalConfig(store=str(cfg.store), tokens=cfg.eval_rows, ce_tokens=cfg.eval_ce_tokens,
+                                                 device=cfg.device, wandb="disabled", quiet=cfg.quiet))
+            out.update({f"{m.spec.name}/eval/{k}": v for k, v in res["metrics"].items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return out
+
     def _save(self, final: dict[str, dict[str, float]], rate: float) -> list[Path]:
         dirs = []
         many = len(self.members) > 1
@@ -289,7 +306,8 @@ class Trainer:
             meta = {"hook_point": self.cfg.hook, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                     "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
                     "lr": m.spec.lr, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
-                    "config": config_dict(self.cfg), "store_attrs": {k: self.store.attrs.get(k) for k in
+                    "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
+                    "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(), "store_attrs": {k: self.store.attrs.get(k) for k in
                                                                     ("model", "model_hash", "tokenizer", "context", "corpus", "d_model", "dtype")}}
             dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta))
             log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
