@@ -4,6 +4,8 @@
     sae = load_sae("sae_out")            # nn.Module
     f = sae.encode(x)                    # raw activations [..., d_in] -> latents [..., d_sae]
     x_hat = sae.decode(f)
+
+Directories may be local paths or fsspec URLs (`file://`, `memory://`, `s3://` with s3fs, …).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import safetensors.torch
 from safetensors.torch import load_file, save_file
 
 from collect.errors import UserError
@@ -22,6 +25,32 @@ from sae.architectures import SAE, ArchConfig, build_sae
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec filesystem, root) for a URL; (None, local path) for a local path or a file:// URL."""
+    if not is_url(path):
+        return None, str(path)
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    try:
+        fs, root = fsspec.core.url_to_fs(str(path))
+    except ImportError as e:
+        raise UserError(f"URL {str(path)!r} needs an fsspec backend that is not installed ({e}); "
+                        f"pip install it (e.g. s3fs for s3://) or use a local path") from None
+    except ValueError as e:
+        raise UserError(f"URL {str(path)!r} is not understood by fsspec ({e}); use a local path") from None
+    root = root.rstrip("/") or root
+    return (None, root) if isinstance(fs, LocalFileSystem) else (fs, root)
+
+
+def join(path: str | os.PathLike, name: str) -> str | Path:
+    """path/name: a Path for local paths, a URL string for URLs."""
+    return f"{str(path).rstrip('/')}/{name}" if is_url(path) else Path(path) / name
 
 
 def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:
@@ -33,28 +62,45 @@ def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:
 
 
 def save_sae(sae: SAE, out_dir: str | os.PathLike, scale: float = 1.0, meta: dict[str, Any] | None = None) -> Path:
-    """Write an SAE trained on activations×scale so that the saved one takes raw activations."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write an SAE trained on activations×scale so that the saved one takes raw activations.
+
+    Returns the directory: a Path for a local path or file:// URL, the URL string otherwise."""
     folded = copy.deepcopy(sae).cpu()
     if scale != 1.0:
         folded.fold_input_scale(scale)
-    save_file(sae_tensors(folded), str(out / (WEIGHTS + ".tmp")))
-    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
+    fs, root = resolve(out_dir)
+    if fs is None:
+        out = Path(root)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(sae_tensors(folded), str(out / (WEIGHTS + ".tmp")))
+        os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
+    else:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{WEIGHTS}", safetensors.torch.save(sae_tensors(folded)))
     a = sae.cfg
     cfg = {"architecture": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "k": a.k if a.arch in ("topk", "batchtopk") else None,
            "normalization": {"method": "unit_mean_squared_norm", "scale": scale, "folded_into_weights": True},
            "arch_config": asdict(a), **(meta or {})}
-    (out / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
-    return out
+    text = json.dumps(cfg, indent=2, default=str)
+    if fs is None:
+        (out / CONFIG).write_text(text)
+        return out
+    with fs.open(f"{root}/{CONFIG}", "w") as f:
+        f.write(text)
+    return str(out_dir)  # type: ignore[return-value]
 
 
 def read_cfg(sae_dir: str | os.PathLike) -> dict[str, Any]:
-    d = Path(sae_dir)
-    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+    fs, root = resolve(sae_dir)
+    if fs is None:
+        d = Path(root)
+        ok = (d / CONFIG).is_file() and (d / WEIGHTS).is_file()
+    else:
+        ok = fs.isfile(f"{root}/{CONFIG}") and fs.isfile(f"{root}/{WEIGHTS}")
+    if not ok:
         raise UserError(f"{str(sae_dir)!r} is not an SAE directory (needs {CONFIG} and {WEIGHTS}); "
                         f"pass the --out of a finished `saeforge train`")
-    return json.loads((d / CONFIG).read_text())
+    return json.loads((d / CONFIG).read_text() if fs is None else fs.cat_file(f"{root}/{CONFIG}").decode())
 
 
 def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
@@ -64,7 +110,8 @@ def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     arch = ArchConfig(**{k: v for k, v in cfg.get("arch_config", {}).items() if k in known}) if "arch_config" in cfg \
         else ArchConfig(arch=cfg["architecture"], d_in=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg.get("k") or 0)
     sae = build_sae(arch)
-    t = load_file(str(Path(sae_dir) / WEIGHTS))
+    fs, root = resolve(sae_dir)
+    t = load_file(str(Path(root) / WEIGHTS)) if fs is None else safetensors.torch.load(fs.cat_file(f"{root}/{WEIGHTS}"))
     with torch.no_grad():
         sae.enc.copy_(t["W_enc"].t())
         sae.b_enc.copy_(t["b_enc"])
