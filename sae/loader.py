@@ -6,6 +6,10 @@ training rows of a group (keep & ~heldout) are emitted in a seeded random permut
 stream of rows is fixed by the seed alone, so a batch is identified by its row position and a
 resumed run sees exactly the batches an uninterrupted run would. A prefetch thread fills the next
 buffer while the current one is consumed.
+
+Data parallel (rank r of N): every rank walks the same stream of global batches of `batch_size`
+rows and yields only rows [r·B/N, (r+1)·B/N) of each, so the N slices together are exactly the
+single-process batch. (Each rank reads whole chunks of every group, as shuffling needs them.)
 """
 from __future__ import annotations
 
@@ -37,14 +41,20 @@ class _Group:
 
 
 class ShuffledLoader:
-    """Infinite iterator of float32 [batch_size, d] training batches starting at `position` rows."""
+    """Infinite iterator of float32 [batch_size / world, d] training batches (this rank's slice of
+    each global batch) starting at global row `position`."""
 
     def __init__(self, store: Store, hook: str, batch_size: int, seed: int = 0, position: int = 0,
-                 buffer_rows: int = 1 << 17, split: str = "train", check_finite: bool = True):
+                 buffer_rows: int = 1 << 17, split: str = "train", check_finite: bool = True,
+                 rank: int = 0, world: int = 1):
         if hook not in store.hooks:
             raise UserError(f"hook point {hook!r} is not in store {store.path!r}; it holds {store.hooks}; "
                             f"pass one of them with --hook")
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise UserError(f"--batch-size {batch_size} must be a multiple of the number of ranks ({world}) "
+                            f"so every rank gets an equal slice of each global batch")
         self.store, self.hook, self.batch_size, self.seed = store, hook, batch_size, seed
+        self.rank, self.world = rank, world
         self.position = position
         self.check_finite = check_finite
         self.mask = store.split_mask(split)  # bool [n_tokens], small next to the activations
@@ -138,6 +148,9 @@ class ShuffledLoader:
                 pending = [rest] if len(rest) else []
                 have = len(rest)
                 self.position += self.batch_size
+                if self.world > 1:
+                    per = self.batch_size // self.world
+                    batch = batch[self.rank * per:(self.rank + 1) * per]
                 yield torch.from_numpy(np.ascontiguousarray(batch))
         finally:
             stop.set()

@@ -1,6 +1,7 @@
 """`saeforge train [CONFIG.toml] --store S.zarr --hook H --arch topk --k 32 --expansion 8 …`.
 
-List values (`--k 16,32`) train a sweep of SAEs from one pass over the data.
+List values (`--k 16,32`) train a sweep of SAEs from one pass over the data. Data parallel:
+`torchrun --nproc-per-node N -m sae train …` (or `torchrun --nproc-per-node N $(which saeforge) train …`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           description="train sparse autoencoders on an activation store")
     from sae.trainer import train
     res = train(cfg)
+    from sae.distributed import env_info
+    if not env_info().is_main:  # under torchrun rank 0 reports
+        return 130 if res.interrupted else 0
     if res.interrupted:
         print(f"interrupted after {res.tokens:,} tokens; checkpoint in {cfg.out}. "
               f"Continue with the same command plus --resume", file=sys.stderr)

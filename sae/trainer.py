@@ -24,11 +24,13 @@ from collect.config import config_dict
 from collect.errors import UserError
 from collect.progress import progress
 from collect.store import Store
-from sae.architectures import SAE, build_sae
-from sae.checkpoint import checkpoint_path, config_changes, load_checkpoint, save_checkpoint
+from sae import distributed as ddp
+from sae.architectures import SAE, build_sae, fvu
+from sae.checkpoint import (checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint,
+                            save_checkpoint)
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
 from sae.init import geometric_median, unit_norm_scale
-from sae.io import save_sae
+from sae.io import is_url, join, resolve, save_sae
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
 from sae.evaluate import evaluate_rows
 from sae.schedule import lr_at, warmup_steps_for
@@ -50,7 +52,7 @@ class Member:
 
 @dataclass
 class TrainResult:
-    out_dirs: list[Path]
+    out_dirs: list[Path | str]  # str for URL outputs
     metrics: dict[str, dict[str, float]]
     tokens: int
     interrupted: bool
@@ -70,7 +72,11 @@ class Trainer:
         self.cfg = cfg
         self.on_step = on_step
         self.stop_requested = False
-        self.device = torch.device(cfg.device)
+        self.dist, device = ddp.setup(cfg.device)  # WORLD_SIZE > 1 under torchrun: data parallel
+        if self.dist.enabled and cfg.batch_size % self.dist.world:
+            raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks "
+                            f"({self.dist.world})")
+        self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
         if cfg.threads > 0:
@@ -90,7 +96,7 @@ class Trainer:
                         "%d committed rows", cfg.store, self.store.n_tokens)
         self.d_in = self.store.d_model
         self.specs = sweep_members(cfg, self.d_in)
-        self.out = Path(cfg.out)
+        self.out: Path | str = cfg.out if is_url(cfg.out) else Path(cfg.out)  # URLs stay strings
         self.step = 0
         self.position = 0
         self.scale = 1.0
@@ -101,7 +107,7 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------
     def _init_fresh(self) -> None:
         cfg = self.cfg
-        if checkpoint_path(self.out).is_file():
+        if checkpoint_exists(self.out):
             raise UserError(f"{str(self.out)!r} holds the checkpoint of an interrupted run; pass --resume to "
                             f"continue it, or choose another --out")
         torch.manual_seed(cfg.seed)
@@ -118,6 +124,12 @@ class Trainer:
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
             sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device=self.device).train()
             self.members.append(self._member(spec, sae))
+        self._sync_members()
+
+    def _sync_members(self) -> None:
+        if self.dist.enabled:
+            for m in self.members:
+                ddp.broadcast_module(m.sae)
 
     def _member(self, spec: SweepMember, sae: SAE) -> Member:
         n = spec.arch.d_sae
@@ -142,9 +154,12 @@ class Trainer:
             m.window_counts.copy_(st["window_counts"])
             self.members.append(m)
         torch.set_rng_state(ck["rng"])
+        self._sync_members()
         log.info("resumed %s at step %d (%d tokens)", self.out, self.step, self.step * self.cfg.batch_size)
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | str:
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return join(self.out, "checkpoint.pt")
         state = {"version": 1, "config": config_dict(self.cfg), "step": self.step, "position": self.position,
                  "scale": self.scale, "wandb_id": self.wandb_id, "elapsed": self.elapsed,
                  "rng": torch.get_rng_state(),
@@ -158,11 +173,20 @@ class Trainer:
         cfg = self.cfg
         total = cfg.steps
         warm = warmup_steps_for(total, cfg.warmup_steps)
+        var_scale = None
+        if self.dist.enabled:
+            var_local = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)  # as the losses compute it
+            var_scale = (self.dist.world * var_local.double()
+                         / ddp.global_sq_dev(x, self.dist.world).clamp_min(1e-12)).float()
         for m in self.members:
             sae = m.sae
             dead = m.since_fired >= cfg.dead_tokens
             out = sae(x, dead_mask=dead)
-            out.loss.backward()
+            if self.dist.enabled:
+                fire, last = self._ddp_backward(m, out, x, var_scale)
+            else:
+                out.loss.backward()
+                fire, last = out.fire_counts, None
             sae.project_decoder_grad()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -172,14 +196,37 @@ class Trainer:
             m.opt.step()
             m.opt.zero_grad(set_to_none=True)
             sae.normalize_decoder()
-            fired = out.fire_counts > 0
-            m.since_fired += x.shape[0]
+            fired = fire > 0
+            m.since_fired += x.shape[0] * self.dist.world
             m.since_fired[fired] = 0
-            m.window_counts += out.fire_counts
+            m.window_counts += fire
             m.last = {"loss": out.loss.detach(), "l0": out.l0, "lr": lr, "dead": dead.float().mean(),
-                      **{k: v for k, v in out.terms.items()}}
+                      **{k: v for k, v in out.terms.items()}} if last is None else {**last, "lr": lr,
+                                                                                   "dead": dead.float().mean()}
         self.step += 1
-        self.position += x.shape[0]
+        self.position += x.shape[0] * self.dist.world
+
+    # terms of SAEOutput.terms divided by the batch variance (the rest are means over rows)
+    _VAR_TERMS = ("fvu", "aux")
+
+    def _ddp_backward(self, m: Member, out: Any, x: torch.Tensor, var_scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Backward of this rank's share of the global-batch loss, then one all_reduce (sae.distributed).
+
+        var_scale = N·var_local/var_global: the variance-normalised part V of the loss (all of it for
+        topk/batchtopk: FVU + AuxK; FVU for relu/jumprelu) becomes N·Σ_local‖x̂−x‖²/var_global, whose
+        rank average is the global FVU; mean-over-rows terms average across ranks as they are."""
+        sae = m.sae
+        var_part = out.loss if sae.cfg.arch in ("topk", "batchtopk") else fvu(out.recon, x)
+        (out.loss + (var_scale - 1) * var_part).backward()
+        names = sorted(out.terms)
+        s = var_scale.detach().float()
+        loss = out.loss.detach() + (s - 1) * var_part.detach()
+        vals = [loss, out.l0.float()] + [out.terms[k].float() * (s if k in self._VAR_TERMS else 1) for k in names]
+        counts, avg = ddp.reduce_step(list(sae.parameters()), out.fire_counts, torch.stack(vals), self.dist.world)
+        if sae.has_threshold:  # batchtopk's EMA threshold: what a global selection's minimum would give
+            ddp.all_min_(sae.threshold)
+        return counts, {"loss": avg[0], "l0": avg[1], **{k: avg[2 + i] for i, k in enumerate(names)}}
 
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -191,18 +238,20 @@ class Trainer:
         if not torch.isfinite(heldout).all():
             raise UserError(f"store {cfg.store!r} hook {cfg.hook!r} has NaN/inf activations in held-out rows; "
                             f"recollect it (e.g. with --dtype float32)")
-        if len(heldout) == 0:
+        if not self.dist.is_main:
+            heldout = heldout[:0]  # rank 0 evaluates
+        elif len(heldout) == 0:
             log.warning("store %s has no held-out rows: held-out metrics are skipped", cfg.store)
         loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.seed, position=self.position,
-                                buffer_rows=cfg.buffer_rows)
-        logger = RunLogger(cfg.wandb, cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
+                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
+        logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
                            "model": self.store.model_spec, "model_hash": self.store.model_hash},
-                           name=self.out.name, run_id=self.wandb_id)
+                           name=str(self.out).rstrip("/").rsplit("/", 1)[-1], run_id=self.wandb_id)
         self.wandb_id = logger.run_id
         handlers = self._install_signals()
         total = cfg.steps
-        bar = progress(total=total * cfg.batch_size, desc="train", unit="tok", quiet=cfg.quiet,
+        bar = progress(total=total * cfg.batch_size, desc="train", unit="tok", quiet=cfg.quiet or not self.dist.is_main,
                        initial=self.step * cfg.batch_size)
         next_ckpt = self._next_checkpoint()
         it = iter(loader)
@@ -212,9 +261,9 @@ class Trainer:
             while self.step < total:
                 x = next(it).to(self.device, non_blocking=True).mul_(self.scale)
                 self.train_step(x)
-                tok_window += x.shape[0]
-                session_tokens += x.shape[0]
-                bar.update(x.shape[0])
+                tok_window += cfg.batch_size
+                session_tokens += cfg.batch_size
+                bar.update(cfg.batch_size)
                 tokens = self.step * cfg.batch_size
                 if self.step % cfg.log_every == 0 or self.step == total:
                     now = time.perf_counter()
@@ -230,6 +279,8 @@ class Trainer:
                 if next_ckpt and tokens >= next_ckpt and self.step < total:
                     self.checkpoint()
                     next_ckpt = self._next_checkpoint()
+                if self.dist.enabled and self.step < total:  # every rank stops at the same step
+                    self.stop_requested = ddp.any_rank(self.stop_requested, self.device)
                 if self.stop_requested and self.step < total:
                     self.elapsed += time.perf_counter() - t_start
                     path = self.checkpoint()
@@ -243,15 +294,19 @@ class Trainer:
         rate = session_tokens / max(time.perf_counter() - t_start, 1e-9)
         if interrupted:
             logger.finish()
+            ddp.barrier()  # the checkpoint is written before any rank returns
             return TrainResult([], {}, self.step * cfg.batch_size, True, rate)
         final = self._evaluate(logger, heldout, final=True)
-        dirs = self._save(final, rate)
-        logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
-        if len(heldout):
-            logger.summary(self._full_eval(dirs))
+        dirs: list[Path | str] = []
+        if self.dist.is_main:
+            dirs = self._save(final, rate)
+            logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
+            if len(heldout):
+                logger.summary(self._full_eval(dirs))
+            remove_checkpoint(self.out)
         logger.finish()
-        checkpoint_path(self.out).unlink(missing_ok=True)
-        return TrainResult(dirs, final, self.step * cfg.batch_size, False, rate)
+        ddp.barrier()  # the SAE directories exist before any rank returns
+        return TrainResult(dirs, final if self.dist.is_main else {}, self.step * cfg.batch_size, False, rate)
 
     def _next_checkpoint(self) -> int:
         every = self.cfg.checkpoint_every
@@ -286,23 +341,32 @@ class Trainer:
             m.window_counts.zero_()
         return res
 
-    def _full_eval(self, dirs: list[Path]) -> dict[str, float]:
+    def _full_eval(self, dirs: list[Path | str]) -> dict[str, float]:
         """`saeforge eval` on each saved SAE (eval.json beside it); scalars as {name}/eval/{k}."""
         from sae.eval_cli import EvalConfig, run_eval
         cfg = self.cfg
         out: dict[str, float] = {}
         for m, d in zip(self.members, dirs):
-            res, _ = run_eval(str(d), EvalConfig(store=str(cfg.store), tokens=cfg.eval_rows, ce_tokens=cfg.eval_ce_tokens,
-                                                 device=cfg.device, wandb="disabled", quiet=cfg.quiet))
+            ecfg = EvalConfig(store=str(cfg.store), tokens=cfg.eval_rows, ce_tokens=cfg.eval_ce_tokens,
+                              device=cfg.device, wandb="disabled", quiet=cfg.quiet)
+            if is_url(d):  # run_eval writes eval.json locally: write it to a temp file, then upload it
+                import tempfile
+                with tempfile.TemporaryDirectory() as tmp:
+                    ecfg.out = os.path.join(tmp, "eval.json")
+                    res, _ = run_eval(str(d), ecfg)
+                    fs, root = resolve(d)
+                    fs.put_file(ecfg.out, f"{root}/eval.json")
+            else:
+                res, _ = run_eval(str(d), ecfg)
             out.update({f"{m.spec.name}/eval/{k}": v for k, v in res["metrics"].items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return out
 
-    def _save(self, final: dict[str, dict[str, float]], rate: float) -> list[Path]:
+    def _save(self, final: dict[str, dict[str, float]], rate: float) -> list[Path | str]:
         dirs = []
         many = len(self.members) > 1
         for m in self.members:
-            d = self.out / m.spec.name if many else self.out
+            d = join(self.out, m.spec.name) if many else self.out
             meta = {"hook_point": self.cfg.hook, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                     "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
                     "lr": m.spec.lr, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},

@@ -1,0 +1,119 @@
+"""Data-parallel training with 2 gloo ranks on CPU equals single-process training on the same
+global batches; an interrupt on one rank checkpoints and --resume under DDP continues exactly."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sae.config import TrainConfig
+from sae.io import load_sae
+from sae.synthetic import write_synthetic_store
+from sae.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ["topk", "relu", "jumprelu"]  # batchtopk selects per rank under DDP (sae/distributed.py)
+# The DDP run sums the same fp32 terms in a different order (two half-batch sums + all_reduce, the
+# variance in float64) and Adam carries that rounding through 20 steps: measured max |Δw| 5e-7 on
+# this store, so 1e-5 leaves 20× room while a real mismatch (a wrong slice or variance: ≥1e-3) fails.
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(str(tmp_path_factory.mktemp("ddp") / "s.zarr"), n_tokens=8192, d=16,
+                                 n_features=64, active=3, context=64, shard_rows=1024)
+
+
+def _args(store, out):
+    return ["--store", store.path, "--out", str(out), "--arch", ",".join(ARCHS), "--k", "3", "--expansion", "4",
+            "--tokens", str(256 * 20), "--batch-size", "256", "--lr", "3e-3", "--dead-tokens", "1024",
+            "--eval-every", "10", "--log-every", "5", "--scale-sample", "2048", "--eval-rows", "256",
+            "--checkpoint-every", "0", "--wandb", "disabled", "--quiet", "--threads", "1"]
+
+
+def _cfg(store, out, **kw):
+    return TrainConfig(store=store.path, out=str(out), arch=ARCHS, k=[3], expansion=[4], tokens=256 * 20,
+                       batch_size=256, lr=[3e-3], dead_tokens=1024, eval_every=10, log_every=5,
+                       scale_sample=2048, eval_rows=256, checkpoint_every=0, wandb="disabled", quiet=True,
+                       threads=1, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same(a_dir, b_dir):
+    for arch in ARCHS:
+        name = f"{arch}_k3_x4" if arch == "topk" else f"{arch}_x4"
+        a, b = load_sae(Path(a_dir) / name).state_dict(), load_sae(Path(b_dir) / name).state_dict()
+        for k in a:
+            diff = float((a[k] - b[k]).abs().max())
+            assert diff < ATOL, (name, k, diff)
+
+
+@pytest.fixture(scope="module")
+def single(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "o"
+    train(_cfg(store, out))
+    return out
+
+
+def test_torchrun_two_ranks_match_single_process(store, single, tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sae", "train", *_args(store, tmp_path / "ddp")]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _same(single, tmp_path / "ddp")
+    assert (tmp_path / "ddp" / "topk_k3_x4" / "eval.json").is_file()
+
+
+def _worker(rank, port, store_path, out, stop_at):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from collect.store import Store
+    st = Store.open(store_path)
+
+    def on_step(t):
+        if stop_at and rank == 1 and t.step == stop_at:  # one rank is told to stop: all stop there
+            t.request_stop()
+
+    res = train(_cfg(st, out, resume=not stop_at), on_step=on_step)
+    assert res.interrupted == bool(stop_at)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
+    out = tmp_path / "cut"
+    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 7), nprocs=2, join=True)
+    assert (out / "checkpoint.pt").is_file() and not (out / "topk_k3_x4").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 7
+    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 0), nprocs=2, join=True)
+    assert not (out / "checkpoint.pt").exists()
+    _same(single, out)
+
+
+def test_batch_must_split_evenly(store, tmp_path, monkeypatch):
+    from collect.errors import UserError
+    from sae.loader import ShuffledLoader
+    with pytest.raises(UserError, match="multiple of the number of ranks"):
+        ShuffledLoader(store, store.hooks[0], 255, rank=0, world=2)
+    a = [next(iter(ShuffledLoader(store, store.hooks[0], 256, rank=r, world=2))) for r in (0, 1)]
+    whole = next(iter(ShuffledLoader(store, store.hooks[0], 256)))
+    assert torch.equal(torch.cat(a), whole)
