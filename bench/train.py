@@ -15,6 +15,7 @@ the trainer consumes, and optionally held-out FVU after the same tokens (saeforg
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import os
 import statistics
@@ -192,7 +193,8 @@ def bench_quality(store: Store, hook: str, k: int, expansion: int, batch: int, t
         f = dense.encode(held)
         dense_fvu = float((dense.decode(f) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
     sp_line = ""
-    sp = sparsify_stepper(store.d_model, n, k, geometric_median(sample[:16384]), lr)
+    sp_lr = 2e-4 / math.sqrt(n / 16384)  # sparsify's own default rule
+    sp = sparsify_stepper(store.d_model, n, k, geometric_median(sample[:16384]), sp_lr)
     if sp is not None:
         it = iter(ShuffledLoader(store, hook, batch, seed=tr.cfg.seed))
         t = time.perf_counter()
@@ -203,8 +205,8 @@ def bench_quality(store: Store, hook: str, k: int, expansion: int, batch: int, t
         with torch.no_grad():
             out = sc(held)
             sp_fvu = float((out.sae_out - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
-        sp_line = (f"  sparsify  FVU {sp_fvu:.4f}  L0 {k}  ({tokens / t_sp:,.0f} tokens/s; its step with Adam at the "
-                   f"same lr, same b_dec init and data order)")
+        sp_line = (f"  sparsify  FVU {sp_fvu:.4f}  L0 {k}  ({tokens / t_sp:,.0f} tokens/s; its step with Adam at its "
+                   f"default lr {sp_lr:.2e}, constant; same b_dec init and data order)")
     print(f"\nheld-out FVU after {tokens:,} tokens (d_sae {n}, k {k}, lr {lr:.2e}, {len(held)} held-out rows, "
           f"keep=True only):")
     print(f"  saeforge  FVU {ours['heldout_fvu']:.4f}  L0 {ours['heldout_l0']:.1f}  dead {ours['heldout_dead_fraction']:.3f}"

@@ -33,7 +33,7 @@ class TrainConfig:
     arch: list[str] = _f(["topk"], f"architecture(s): {', '.join(ARCHITECTURES)}")
     k: list[int] = _f([32], "active latents per token (topk, batchtopk); a list makes a sweep")
     expansion: list[int] = _f([8], "d_sae = expansion × d_in; a list makes a sweep")
-    lr: list[float] = _f([], "learning rate(s); default 2e-4/sqrt(d_sae/16384)")
+    lr: list[float] = _f([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
     tokens: int = _f(2_000_000, "training tokens")
     batch_size: int = _f(4096, "tokens per step")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -104,8 +104,12 @@ class SweepMember:
 
 
 def default_lr(d_sae: int) -> float:
-    """sparsify's rule: 2e-4 scaled by 1/sqrt(d_sae / 2^14)."""
-    return 2e-4 / math.sqrt(d_sae / 16384)
+    """3× sparsify's rule (2e-4 / sqrt(d_sae / 2^14)).
+
+    sparsify's encoder starts at nn.Linear scale (column norm ≈ 0.58) while ours starts at
+    W_decᵀ (norm 1), so the same Adam step moves ours relatively less. On the quickstart store
+    (SmolLM2 layer 15, k 32, 8×, 1M tokens) 1×/2×/3× that rule gave held-out FVU 0.245/0.195/0.175."""
+    return 6e-4 / math.sqrt(d_sae / 16384)
 
 
 def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
