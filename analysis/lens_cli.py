@@ -1,7 +1,6 @@
 """`saeforge lens`: logit lens over every layer for one prompt → terminal table, CSV, JSON, PNG heatmap."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, field
@@ -9,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from analysis.lens import LensResult, encode_prompt, logit_lens
-from analysis.plots import heatmap, short_label
+from analysis.plots import heatmap, short_label, write_csv
 from collect.config import config_dict, parse_config
 from collect.errors import UserError
 from collect.model import load_model
@@ -62,11 +61,7 @@ def write_outputs(res: LensResult, out: Path, cfg: LensConfig | None = None) -> 
     """lens.csv (one row per layer × position), lens.json, lens.png, config.json."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "lens.csv", "json": out / "lens.json", "png": out / "lens.png"}
-    rows = res.rows()
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(res.rows(), paths["csv"])
     paths["json"].write_text(json.dumps(res.to_json(), indent=1))
     cols = [f"{i}:{t}" for i, t in enumerate(res.tokens)]
     top1 = [[res.top_tokens[li][p][0] for p in range(res.n_positions)] for li in range(res.n_layers)]

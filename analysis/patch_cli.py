@@ -1,14 +1,13 @@
 """`saeforge patch`: activation patching clean → corrupted at every (layer, position) → table, CSV, PNG."""
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from analysis.patching import METRICS, SITES, PatchResult, activation_patching
-from analysis.plots import heatmap, short_label
+from analysis.plots import heatmap, short_label, write_csv
 from collect.config import config_dict, parse_config
 from collect.errors import UserError
 from collect.model import load_model
@@ -68,11 +67,7 @@ def write_outputs(res: PatchResult, out: Path, cfg: PatchConfig | None = None) -
     """patch.csv (one row per layer × position), patch.json (summary + matrix), patch.png, config.json."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "patch.csv", "json": out / "patch.json", "png": out / "patch.png"}
-    rows = res.rows()
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(res.rows(), paths["csv"])
     paths["json"].write_text(json.dumps({**res.summary(), "scores": res.scores.tolist(), "raw": res.raw.tolist()},
                                         indent=1))
     heatmap(res.scores, paths["png"], row_labels=[str(i) for i in res.layers], col_labels=_col_labels(res),

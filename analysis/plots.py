@@ -1,6 +1,8 @@
-"""Shared matplotlib helpers (Agg canvas, no global backend state): layer × position heatmaps."""
+"""Shared output helpers for layer × position results: matplotlib heatmaps (Agg canvas, no global
+backend state) and CSV tables."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +13,14 @@ def short_label(text: str, width: int = 10) -> str:
     """A token as a readable tick label: escaped whitespace, cut to `width` characters."""
     s = text.replace("\n", "\\n").replace("\t", "\\t")
     return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> None:
+    """One CSV row per dict; the first row's keys are the header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def heatmap(values: torch.Tensor, path: str | Path, *, row_labels: Sequence[str], col_labels: Sequence[str],

@@ -35,3 +35,13 @@ def wikitext_dir() -> Path:
     if not (WIKITEXT / "valid.txt").is_file():
         pytest.skip(f"real text not found at {WIKITEXT} (shared/data beside the project)")
     return WIKITEXT
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny shapes: one thread avoids OpenMP hand-off costs (large on a loaded 2-core box)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,13 +7,7 @@ from sae.architectures import ArchConfig, BatchTopKSAE, TopKSAE
 from sae.sparse_ops import SparseCodes, sparse_decode, topk_autoencode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP hand-off costs (large on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dense_topk_loss(x, enc, b_enc, W_dec, b_dec, k, mask=None):

@@ -10,13 +10,7 @@ from sae.loader import ShuffledLoader, heldout_rows
 from sae.synthetic import write_synthetic_store
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP hand-off costs (large on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, D = 6144, 8
 

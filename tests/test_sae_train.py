@@ -16,13 +16,7 @@ from sae.synthetic import synthetic_rows, write_synthetic_store
 from sae.trainer import Trainer, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP hand-off costs (large on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HOOK = "layers.0.resid_post"
 
