@@ -1,6 +1,7 @@
 """Evaluation: streamed metrics equal brute force for any --tokens and batch size; splice scores
 (identity → 1 and KL 0, zero → 0, a trained SAE → a direct computation); CLI, wandb and errors."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -97,6 +98,7 @@ def test_cli_writes_eval_json_and_logs_to_the_recorded_wandb_run(syn, tmp_path, 
     from sae.wandb_log import RunLogger
     run = RunLogger("offline", "saeforge-test", {"x": 1}, name="t", directory=str(tmp_path))
     run.finish()
+    time.sleep(1.1)  # offline run folders are named by the second: keep the eval's folder apart from the train run's
     d = _save(_rand_sae(), tmp_path / "sae", syn, wandb_run_id=run.run_id, wandb_dir=str(tmp_path))
     assert dispatch(["eval", str(d), "--tokens", "300", "--ce-tokens", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
