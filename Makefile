@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(SF) lens --model smollm2-135m --prompt "The Eiffel Tower is in the city of" --target " Paris" --out $(RUN)/lens
 	$(SF) patch --model smollm2-135m --clean "The Eiffel Tower is in the city of" \
 	    --corrupt "The Colosseum is in the city of" --answer " Paris" --wrong " Rome" --hook resid_post --out $(RUN)/patch
-	$(SF) steer --model smollm2-135m --add "Love" --sub "Hate" --source-layer 4 --layer 6 --coeff 1 \
+	$(SF) steer --model smollm2-135m --add "Love" --sub "Hate" --source-layer 4 --layer 6 --coeff 0.5 \
 	    --prompt "I hate you because" --max-new-tokens 30 --seed 0 --sweep 0.5,1,2 \
 	    --save $(RUN)/love.safetensors --gguf $(RUN)/love.gguf --npy $(RUN)/love.npy --bin $(RUN)/love.bin
 	@echo "dashboard: $(RUN)/features/index.html   wandb runs: ./wandb (upload with: wandb sync wandb/offline-run-*)"
