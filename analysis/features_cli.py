@@ -6,16 +6,13 @@ writes DIR/features.json, DIR/latents/NNNNN.json and the HTML dashboard (DIR/ind
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from collect.config import config_dict, parse_config
+from collect.config import config_dict, parse_config, save_config
 from collect.errors import UserError
 from collect.model import load_model
 from collect.store import Store
@@ -135,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model": store.model_spec, "top": cfg.top, "window": cfg.window, "rates": rates,
                 "config": config_dict(cfg)}
     write_features(out, meta_out, index, records)
-    (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+    save_config(cfg, out)
     if cfg.dashboard:
         render_dashboard(out, quiet=cfg.quiet)
     alive = sum(1 for e in index if e["count"] > 0)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from analysis.lens import LensResult, encode_prompt, logit_lens
 from analysis.plots import heatmap, short_label, write_csv
-from collect.config import config_dict, parse_config
+from collect.config import parse_config, save_config
 from collect.errors import UserError
 from collect.model import load_model
 
@@ -74,8 +74,7 @@ def write_outputs(res: LensResult, out: Path, cfg: LensConfig | None = None) -> 
                 col_labels=cols, title="logit lens: top-1 token after each layer", cbar_label="p(top-1)",
                 vmin=0.0, vmax=1.0, annotations=top1)
     if cfg is not None:
-        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
-        paths["config"] = out / "config.json"
+        paths["config"] = save_config(cfg, out)
     return paths
 
 

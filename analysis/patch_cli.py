@@ -8,7 +8,7 @@ from typing import Sequence
 
 from analysis.patching import METRICS, SITES, PatchResult, activation_patching
 from analysis.plots import heatmap, short_label, write_csv
-from collect.config import config_dict, parse_config
+from collect.config import parse_config, save_config
 from collect.errors import UserError
 from collect.model import load_model
 
@@ -75,8 +75,7 @@ def write_outputs(res: PatchResult, out: Path, cfg: PatchConfig | None = None) -
             cbar_label="recovered (0 = corrupted, 1 = clean)", cmap="RdBu", center=0.0,
             annotations=[[f"{float(v):.2f}" for v in row] for row in res.scores])
     if cfg is not None:
-        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
-        paths["config"] = out / "config.json"
+        paths["config"] = save_config(cfg, out)
     return paths
 
 

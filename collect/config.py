@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -125,3 +126,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, section: str, prog: s
 def config_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain JSON-able values."""
     return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, directory: str | Path) -> Path:
+    """Write the resolved config as `config.json` beside a run's outputs; returns its path."""
+    path = Path(directory) / "config.json"
+    path.write_text(json.dumps(config_dict(cfg), indent=1, default=str))
+    return path

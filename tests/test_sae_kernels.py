@@ -48,9 +48,14 @@ def test_topk_encode_decode_grads_match_dense():
     out = recon + b_dec
     ref = _dense_topk_loss(x, enc, b_enc, W, b_dec, k)
     assert torch.allclose(out, ref)
+    _assert_same_grads(out, ref, (enc, b_enc, W, b_dec, x))
+
+
+
+def _assert_same_grads(out: torch.Tensor, ref: torch.Tensor, params: tuple) -> None:
+    """Backpropagating one random cotangent through both gives the same gradient for every input."""
     gout = torch.randn_like(out)
-    ps = (enc, b_enc, W, b_dec, x)
-    for a, b in zip(torch.autograd.grad(out, ps, gout), torch.autograd.grad(ref, ps, gout)):
+    for a, b in zip(torch.autograd.grad(out, params, gout), torch.autograd.grad(ref, params, gout)):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -62,10 +67,7 @@ def test_masked_topk_grads_match_dense():
     assert mask[codes.cols].all()
     ref = _dense_topk_loss(x, enc, b_enc, W, b_dec, 4, mask) - b_dec
     assert torch.allclose(out, ref)
-    gout = torch.randn_like(out)
-    ps = (enc, b_enc, W, b_dec, x)
-    for a, b in zip(torch.autograd.grad(out, ps, gout), torch.autograd.grad(ref, ps, gout)):
-        assert torch.allclose(a, b, atol=1e-10)
+    _assert_same_grads(out, ref, (enc, b_enc, W, b_dec, x))
 
 
 def test_topk_sae_forward_equals_encode_decode_and_dense_grads():
