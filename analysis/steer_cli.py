@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from collect.config import config_dict, parse_config
 from collect.errors import UserError

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from analysis.directions import SteeringVector
 from collect.errors import UserError

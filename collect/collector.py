@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import itertools
-import math
 import queue
 import threading
 import time

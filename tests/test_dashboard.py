@@ -15,11 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from analysis.dashboard import render_dashboard, token_html
-from analysis.features import build_records, feature_stats, write_features
-from analysis.labels import vocab_strings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),

@@ -1,7 +1,6 @@
 """`saeforge train` and `saeforge export` end to end (in-process), errors, and SAELens loading."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

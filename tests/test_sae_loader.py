@@ -3,7 +3,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from collect.errors import UserError
 from sae.loader import ShuffledLoader, heldout_rows
