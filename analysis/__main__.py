@@ -1,6 +1,6 @@
 """`python -m analysis features|steer|lens|patch|… …`"""
 import sys
 
-from collect.cli import dispatch
+from saeforge.cli import dispatch
 
 sys.exit(dispatch(package="analysis"))

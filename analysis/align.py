@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 
 @dataclass

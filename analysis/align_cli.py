@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from collect.config import config_dict, parse_config
-from collect.errors import UserError
+from saeforge.config import config_dict, parse_config
+from saeforge.errors import UserError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from analysis.features import LATENT_DIR, load_features, load_latent
 from analysis.labels import show_ws
-from collect.progress import progress
+from saeforge.progress import progress
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#1d1d1f;background:#fff}

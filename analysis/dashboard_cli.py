@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from collect.config import parse_config
-from collect.errors import UserError
+from saeforge.config import parse_config
+from saeforge.errors import UserError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, resolve_hook_point
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect.errors import UserError
-from collect.progress import progress
+from saeforge.errors import UserError
+from saeforge.progress import progress
 from collect.store import Store
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from collect.config import config_dict, parse_config, save_config
-from collect.errors import UserError
+from saeforge.config import config_dict, parse_config, save_config
+from saeforge.errors import UserError
 from collect.model import load_model
 from collect.store import Store
 

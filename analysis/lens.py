@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import Layout, discover_layout
 

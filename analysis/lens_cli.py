@@ -9,8 +9,8 @@ from typing import Sequence
 
 from analysis.lens import LensResult, encode_prompt, logit_lens
 from analysis.plots import heatmap, short_label, write_csv
-from collect.config import parse_config, save_config
-from collect.errors import UserError
+from saeforge.config import parse_config, save_config
+from saeforge.errors import UserError
 from collect.model import load_model
 
 log = logging.getLogger(__name__)

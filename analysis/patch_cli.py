@@ -8,8 +8,8 @@ from typing import Sequence
 
 from analysis.patching import METRICS, SITES, PatchResult, activation_patching
 from analysis.plots import heatmap, short_label, write_csv
-from collect.config import parse_config, save_config
-from collect.errors import UserError
+from saeforge.config import parse_config, save_config
+from saeforge.errors import UserError
 from collect.model import load_model
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from analysis.lens import encode_prompt, single_token_id, token_strings
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import HookCall, capture, hooks
 from collect.layers import Layout, discover_layout
-from collect.progress import progress
+from saeforge.progress import progress
 
 log = logging.getLogger(__name__)
 

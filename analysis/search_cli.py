@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from collect.config import config_dict, parse_config
-from collect.errors import UserError
+from saeforge.config import config_dict, parse_config
+from saeforge.errors import UserError
 from collect.model import load_model
 
 

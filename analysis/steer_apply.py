@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from analysis.directions import SaeLatent, SteeringVector
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import HookCall, hooks
 
 OPS = ("add", "ablate", "clamp")

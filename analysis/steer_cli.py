@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 
-from collect.config import config_dict, parse_config
-from collect.errors import UserError
-from collect.progress import progress
+from saeforge.config import config_dict, parse_config
+from saeforge.errors import UserError
+from saeforge.progress import progress
 
 log = logging.getLogger(__name__)
 

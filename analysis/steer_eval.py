@@ -13,7 +13,7 @@ import torch
 
 from analysis.directions import SteeringVector
 from analysis.steer_apply import random_like, steer
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import forward_to
 
 log = logging.getLogger(__name__)

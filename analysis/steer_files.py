@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from analysis.directions import SteeringVector
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 FORMAT = "saeforge-steering/1"
 _POINT_RE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$")

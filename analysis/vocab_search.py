@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import StopForward, capture
-from collect.progress import progress
+from saeforge.progress import progress
 
 log = logging.getLogger(__name__)
 

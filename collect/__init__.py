@@ -1,2 +1,1 @@
-"""saeforge collect package."""
-__version__ = "0.1.0"
+"""Collection: model loading, layer discovery, hooks, corpus, the Zarr activation store, the collector."""

@@ -1,6 +1,6 @@
 """`python -m collect collect …`"""
 import sys
 
-from collect.cli import dispatch
+from saeforge.cli import dispatch
 
 sys.exit(dispatch(package="collect"))

@@ -22,16 +22,17 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-import collect
-from collect.config import config_dict
+import saeforge
+from saeforge.config import config_dict
 from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
 from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, parse_hook_points
 from collect.model import LoadedModel, load_model
-from collect.progress import progress
-from collect.store import (STORAGE_DTYPES, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes, join_path,
+from saeforge.progress import progress
+from saeforge.urls import join
+from collect.store import (STORAGE_DTYPES, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes,
                            part_name, storage_np_dtype)
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
         "d_model": d_model, "n_layers": layout.n_layers, "dtype": cfg.dtype, "context": cfg.context,
         "corpus": describe_corpus(cfg.corpus, cfg.text_field), "heldout_fraction": cfg.heldout_fraction,
         "prepend_bos": cfg.prepend_bos, "rank": 0, "world_size": ctx.world_size,
-        "saeforge_version": collect.__version__, "config": config_dict(cfg),
+        "saeforge_version": saeforge.__version__, "config": config_dict(cfg),
     }
     corpus_tokens = estimate_tokens(docs, tok)
     target = min(cfg.max_tokens or corpus_tokens, corpus_tokens)
@@ -255,7 +256,7 @@ def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: i
         return Store.open(cfg.out)
 
     medians = dict(info["norm_median"])
-    part = join_path(cfg.out, part_name(ctx.rank))
+    part = join(cfg.out, part_name(ctx.rank))
     writer = StoreWriter(part, {**attrs, "rank": ctx.rank, "norm_median": medians}, run.plan)
     if not writer.complete:
         start_row = writer.n_committed

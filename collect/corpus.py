@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from collect.errors import UserError
-from collect.progress import progress
+from saeforge.errors import UserError
+from saeforge.progress import progress
 
 if TYPE_CHECKING:
     import datasets

@@ -7,25 +7,15 @@ CUDA). Without torchrun everything here is a no-op for rank 0 of 1.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from collect.errors import UserError
+from saeforge.dist import RankEnv, rank_device, rank_env
+from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not an integer; unset it or launch with torchrun")
 
 
 @dataclass
@@ -65,25 +55,19 @@ class DistContext:
 
 def resolve_device(device: str, local_rank: int, world_size: int) -> str:
     """`cuda` means this rank's GPU (cuda:LOCAL_RANK) under torchrun; explicit `cuda:i` is kept."""
-    if device == "cuda" and world_size > 1:
-        return f"cuda:{local_rank}"
-    return device
+    return rank_device(device, RankEnv(local_rank=local_rank, world_size=world_size))
 
 
 def init_from_env(device: str = "cpu") -> DistContext:
     """Read RANK/WORLD_SIZE/LOCAL_RANK; init the process group when WORLD_SIZE > 1 (or reuse one)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                           local_rank=_env_int("LOCAL_RANK", 0),
-                           local_world_size=_env_int("LOCAL_WORLD_SIZE", 1), backend=dist.get_backend())
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank} / WORLD_SIZE={world} is invalid; launch with torchrun --nproc-per-node N")
-    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank,
-                      local_world_size=_env_int("LOCAL_WORLD_SIZE", 1 if world == 1 else world))
+        env = rank_env()
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=env.local_rank,
+                           local_world_size=env.local_world_size, backend=dist.get_backend())
+    env = rank_env()
+    world, rank, local_rank = env.world_size, env.rank, env.local_rank
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=env.local_world_size)
     if world == 1:
         return ctx
     if not dist.is_available():

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 LAYER_GUESS_RE = re.compile(r"^(.+?)\.(\d+)(.*)$")
 KNOWN_BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
 

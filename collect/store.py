@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from collect.errors import UserError
+from saeforge.errors import UserError
+from saeforge.urls import free_bytes, is_local, join, local_path, url_to_fs  # noqa: F401  (free_bytes re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,10 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def local_path(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
 def zarr_target(path: str) -> str:
     """What zarr.open_group gets: a plain path for local stores (zarr's LocalStore creates folders;
     its fsspec store on file:// does not), the URL itself otherwise (zarr wraps it in an FsspecStore)."""
     return local_path(path) if is_local(path) else path
-
-
-def join_path(path: str, *names: str) -> str:
-    """A child of a store path or URL."""
-    if is_local(path):
-        return os.path.join(local_path(path), *names)
-    return "/".join([path.rstrip("/"), *names])
 
 
 def part_name(rank: int) -> str:
@@ -78,30 +64,8 @@ def store_exists(path: str) -> bool:
     """Whether a Zarr group (its zarr.json) is at `path`; remote URLs are checked through fsspec."""
     if is_local(path):
         return os.path.isfile(os.path.join(local_path(path), "zarr.json"))
-    fs, root = _url_to_fs(path)
+    fs, root = url_to_fs(path)
     return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
-
-
-def _url_to_fs(path: str) -> tuple[Any, str]:
-    import fsspec
-    try:
-        return fsspec.core.url_to_fs(path)
-    except ImportError as e:
-        raise UserError(f"store URL {path!r} needs an fsspec backend that is not installed ({e}); "
-                        f"install it (e.g. `pip install s3fs` for s3://) or use a local path") from None
-    except ValueError as e:
-        raise UserError(f"store URL {path!r} is not understood by fsspec ({e}); use a local path or "
-                        f"a URL like file://, memory:// or s3://") from None
-
-
-def free_bytes(path: str) -> int | None:
-    """Free space where `path` will live; None for remote stores."""
-    if not is_local(path):
-        return None
-    p = os.path.abspath(local_path(path))
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    return shutil.disk_usage(p).free
 
 
 def _open_group(path: str, mode: str) -> zarr.Group:
@@ -344,7 +308,7 @@ class StoreWriter:
 
 class PartsRoot:
     """The root group of a multi-rank store. Only rank 0 creates or updates it; each rank writes
-    its own part (a StoreWriter at `join_path(path, part_name(rank))`)."""
+    its own part (a StoreWriter at `join(path, part_name(rank))`)."""
 
     def __init__(self, path: str, attrs: dict[str, Any], plan: ShardPlan, world_size: int):
         self.path, self.world_size = path, world_size
@@ -377,7 +341,7 @@ class PartsRoot:
         """(committed rows, complete) of every part, read fresh from the parts' own attributes."""
         out = []
         for name in self.parts:
-            p = join_path(self.path, name)
+            p = join(self.path, name)
             a = dict(_open_group(p, "r").attrs) if store_exists(p) else {}
             out.append((int(a.get("n_tokens", 0)), bool(a.get("complete", False))))
         return out

@@ -330,6 +330,6 @@ def build_sae(cfg: ArchConfig, **kw) -> SAE:
     try:
         cls = ARCHITECTURES[cfg.arch]
     except KeyError:
-        from collect.errors import UserError
+        from saeforge.errors import UserError
         raise UserError(f"unknown architecture {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}")
     return cls(cfg, **kw)

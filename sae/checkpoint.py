@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from collect.errors import UserError
-from sae.io import join, resolve
+from saeforge.errors import UserError
+from saeforge.urls import join, resolve
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -9,7 +9,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.architectures import ARCHITECTURES, ArchConfig
 
 WANDB_MODES = ("online", "offline", "disabled")

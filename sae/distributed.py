@@ -18,13 +18,13 @@ all_reduce), so it is the only architecture whose DDP run is not the single-proc
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from collect.errors import UserError
+from saeforge.dist import rank_env
+from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,8 @@ class DistInfo:
 
 def env_info() -> DistInfo:
     """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (single process when absent)."""
-    try:
-        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError as e:
-        raise UserError(f"bad torchrun environment ({e}); launch with torchrun --nproc-per-node N") from None
+    env = rank_env()
+    return DistInfo(env.rank, env.world_size, env.local_rank)
 
 
 def setup(device: str) -> tuple[DistInfo, str]:
@@ -126,8 +123,3 @@ def broadcast_module(m: torch.nn.Module) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from collect.config import add_config_arguments, build_config, config_dict, load_toml_section
-from collect.errors import UserError
+from saeforge.config import add_config_arguments, build_config, config_dict, load_toml_section
+from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("online", "offline", "disabled")
@@ -179,10 +179,10 @@ def run_eval(sae_dir: str, cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
     t0 = time.perf_counter()
     m = evaluate_sae(sae, store, hook, tokens=cfg.tokens or None, ce_tokens=cfg.ce_tokens, model=model,
                      split=cfg.split, ce_batch_tokens=cfg.ce_batch_tokens, quiet=cfg.quiet)
-    import collect
+    import saeforge
     result = {"sae_dir": str(sae_dir), "model": store.model_spec, "model_hash": store.model_hash,
               "metrics": m, "eval_seconds": round(time.perf_counter() - t0, 2),
-              "config": config_dict(cfg), "saeforge_version": collect.__version__}
+              "config": config_dict(cfg), "saeforge_version": saeforge.__version__}
     out = Path(cfg.out) if cfg.out else Path(sae_dir) / "eval.json"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from collect.errors import UserError
-from collect.progress import progress
+from saeforge.errors import UserError
+from saeforge.progress import progress
 from collect.store import Store
 from sae.architectures import SAE
 

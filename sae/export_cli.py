@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 FORMATS = ("saelens",)
 

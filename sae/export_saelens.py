@@ -18,7 +18,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.io import WEIGHTS, read_cfg
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -20,37 +20,12 @@ import torch
 import safetensors.torch
 from safetensors.torch import load_file, save_file
 
-from collect.errors import UserError
+from saeforge.errors import UserError
+from saeforge.urls import resolve
 from sae.architectures import SAE, ArchConfig, build_sae
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
-
-
-def resolve(path: str | os.PathLike) -> tuple[Any, str]:
-    """(fsspec filesystem, root) for a URL; (None, local path) for a local path or a file:// URL."""
-    if not is_url(path):
-        return None, str(path)
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-    try:
-        fs, root = fsspec.core.url_to_fs(str(path))
-    except ImportError as e:
-        raise UserError(f"URL {str(path)!r} needs an fsspec backend that is not installed ({e}); "
-                        f"pip install it (e.g. s3fs for s3://) or use a local path") from None
-    except ValueError as e:
-        raise UserError(f"URL {str(path)!r} is not understood by fsspec ({e}); use a local path") from None
-    root = root.rstrip("/") or root
-    return (None, root) if isinstance(fs, LocalFileSystem) else (fs, root)
-
-
-def join(path: str | os.PathLike, name: str) -> str | Path:
-    """path/name: a Path for local paths, a URL string for URLs."""
-    return f"{str(path).rstrip('/')}/{name}" if is_url(path) else Path(path) / name
 
 
 def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.store import Store
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import HookCall, hooks
-from collect.progress import progress
+from saeforge.progress import progress
 from collect.store import Store
 from sae.architectures import SAE
 

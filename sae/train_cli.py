@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from collect.config import parse_config
+from saeforge.config import parse_config
 from sae.config import TrainConfig
 
 

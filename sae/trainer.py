@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from collect.config import config_dict
-from collect.errors import UserError
-from collect.progress import progress
+from saeforge.config import config_dict
+from saeforge.errors import UserError
+from saeforge.progress import progress
 from collect.store import Store
 from sae import distributed as ddp
 from sae.architectures import SAE, build_sae, fvu
@@ -30,7 +30,8 @@ from sae.checkpoint import (checkpoint_exists, config_changes, load_checkpoint, 
                             save_checkpoint)
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
 from sae.init import geometric_median, unit_norm_scale
-from sae.io import is_url, join, resolve, save_sae
+from sae.io import save_sae
+from saeforge.urls import is_url, join, resolve
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
 from sae.evaluate import evaluate_rows
 from sae.schedule import lr_at, warmup_steps_for

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analysis.align import align
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.architectures import ArchConfig, build_sae
 from sae.io import save_sae
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from collect.cli import dispatch
+from saeforge.cli import dispatch
 from collect.collector import CollectConfig, collect_activations
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.store import Store
 
 pytestmark = pytest.mark.smollm

@@ -11,7 +11,7 @@ import pytest
 
 from collect.corpus import (PackedSequence, _python_docs_texts, describe_corpus, estimate_tokens, is_heldout,
                             load_documents, pack_sequences)
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from collect.collector import CollectConfig, collect_activations
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.store import Store
 
 pytestmark = pytest.mark.smollm

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from collect.cli import dispatch
+from saeforge.cli import dispatch
 from sae.architectures import ArchConfig, build_sae
 from sae.evaluate import evaluate_rows, evaluate_sae, reconstruction_metrics
 from sae.io import load_sae, save_sae

@@ -10,7 +10,7 @@ import torch
 from analysis.features import encode_triples, feature_stats
 from analysis.labels import logit_table, make_label
 from collect.collector import CollectConfig, collect_activations
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.store import Store
 from sae.architectures import ArchConfig, build_sae
 from sae.io import save_sae

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import add_vector, capture, forward_to, hooks, project_out, replace_with
 from collect.layers import discover_layout, hook_point_names, resolve_hook_point
 from tests.tiny_models import CONFIGS, tiny_model

@@ -9,7 +9,7 @@ import torch
 
 from analysis import lens_cli
 from analysis.lens import logit_lens, single_token_id, unembedder
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 pytestmark = pytest.mark.smollm
 

@@ -10,7 +10,7 @@ import torch
 
 from analysis import patch_cli
 from analysis.patching import activation_patching, patched_metric
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import capture
 
 pytestmark = pytest.mark.smollm

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from collect.cli import dispatch
+from saeforge.cli import dispatch
 from sae.io import load_sae
 from sae.synthetic import synthetic_rows, write_synthetic_store
 

@@ -105,7 +105,7 @@ def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
 
 
 def test_batch_must_split_evenly(store, tmp_path, monkeypatch):
-    from collect.errors import UserError
+    from saeforge.errors import UserError
     from sae.loader import ShuffledLoader
     with pytest.raises(UserError, match="multiple of the number of ranks"):
         ShuffledLoader(store, store.hooks[0], 255, rank=0, world=2)

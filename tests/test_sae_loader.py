@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.loader import ShuffledLoader, heldout_rows
 from sae.synthetic import write_synthetic_store
 

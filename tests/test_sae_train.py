@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.architectures import ArchConfig, build_sae
 from sae.config import TrainConfig
 from sae.init import unit_norm_scale

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analysis.vocab_search import Objective, activation_of, complete_search, greedy_search, scan_vocab
-from collect.errors import UserError
+from saeforge.errors import UserError
 from sae.architectures import ArchConfig, build_sae
 from sae.io import save_sae
 from tests.tiny_models import tiny_model

@@ -9,7 +9,7 @@ import torch
 
 from analysis.directions import SteeringVector, from_sae, load_sae_latent
 from analysis.steer_apply import random_like, steer
-from collect.errors import UserError
+from saeforge.errors import UserError
 from collect.hooks import hooks
 from tests.tiny_models import tiny_model
 

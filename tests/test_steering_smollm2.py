@@ -11,7 +11,7 @@ import torch
 from analysis.directions import actadd
 from analysis.steer_apply import steer
 from analysis.steer_eval import NEUTRAL, encode, generate, sweep, target_ids
-from collect.errors import run_cli
+from saeforge.errors import run_cli
 from collect.hooks import hooks
 
 SOURCE, INJECT, COEFF = "layers.4.resid_post", "layers.6.resid_post", 4.0

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collect.errors import UserError
-from collect.store import PartsRoot, ShardPlan, Store, StoreWriter, join_path, part_name
+from saeforge.errors import UserError
+from saeforge.urls import join
+from collect.store import PartsRoot, ShardPlan, Store, StoreWriter, part_name
 
 D, CTX = 8, 16
 ATTRS = {"hook_points": ["layers.0.resid_post"], "d_model": D, "dtype": "float32", "context": CTX,
@@ -41,7 +42,7 @@ def _parts_store(root: str, n_seqs: tuple[int, ...] = (11, 10), shard_rows: int 
     out = []
     for r, n in enumerate(n_seqs):
         rows = _rows([r + k * ws for k in range(n)], rng)
-        _write(StoreWriter(join_path(root, part_name(r)), {**ATTRS, "rank": r, "world_size": ws}, plan), rows)
+        _write(StoreWriter(join(root, part_name(r)), {**ATTRS, "rank": r, "world_size": ws}, plan), rows)
         out.append(rows)
     return out
 
@@ -74,7 +75,7 @@ def test_parts_read_as_one_dataset(tmp_path, where):
         assert b - a <= store.chunk_rows
     assert store.chunk_ranges(a, b)[0][0] == a
     # each part is itself a valid single-rank store
-    p1 = Store.open(join_path(root, part_name(1)))
+    p1 = Store.open(join(root, part_name(1)))
     assert p1.n_tokens == 10 * CTX and (p1.seq() % 2 == 1).all()
 
 

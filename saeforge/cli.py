@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from collect.errors import run_cli
+from saeforge.errors import run_cli
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("collect.collect_cli", "collect activations into a Zarr store"),

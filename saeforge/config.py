@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from collect.errors import UserError
+from saeforge.errors import UserError
 
 T = TypeVar("T")
 
