@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-from saeforge.config import config_dict, parse_config
+from saeforge.config import config_dict, option, parse_config
 from saeforge.errors import UserError
 
 
 @dataclass
 class AlignConfig:
-    sae_a: str | None = field(default=None, metadata={"help": "first SAE directory"})
-    sae_b: str | None = field(default=None, metadata={"help": "second SAE directory"})
-    threshold: float = field(default=0.7, metadata={"help": "cosine above which a latent counts as matched"})
-    one_to_one: str = field(default="auto", metadata={"help": "auto (Hungarian with scipy when small), hungarian or greedy"})
-    out: str | None = field(default=None, metadata={"help": "write matches as JSON here"})
-    show: int = field(default=10, metadata={"help": "matched pairs printed"})
+    sae_a: str = option("", "first SAE directory", positional=True)
+    sae_b: str = option("", "second SAE directory", positional=True)
+    threshold: float = option(0.7, "cosine above which a latent counts as matched")
+    one_to_one: Literal["auto", "hungarian", "greedy"] = option("auto", "auto (Hungarian with scipy when small), hungarian or greedy")
+    out: str | None = option(None, "write matches as JSON here")
+    show: int = option(10, "matched pairs printed")
 
     def validate(self) -> None:
         if not self.sae_a or not self.sae_b:
@@ -28,13 +28,13 @@ class AlignConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from analysis.align import align
-    from analysis.features_cli import sae_meta, split_positionals
+    from sae.io import sae_summary
     from sae.io import load_sae
 
-    cfg, _ = parse_config(AlignConfig, split_positionals(argv, ["sae-a", "sae-b"]), section="align",
+    cfg, _ = parse_config(AlignConfig, argv, section="align",
                           prog="saeforge align", description="Match the latents of two SAEs by decoder cosine.")
-    ma, mb = sae_meta(cfg.sae_a), sae_meta(cfg.sae_b)  # type: ignore[arg-type]
-    a, b = load_sae(cfg.sae_a), load_sae(cfg.sae_b)  # type: ignore[arg-type]
+    ma, mb = sae_summary(cfg.sae_a), sae_summary(cfg.sae_b)
+    a, b = load_sae(cfg.sae_a), load_sae(cfg.sae_b)
     res = align(a.W_dec, b.W_dec, cfg.threshold, one_to_one=cfg.one_to_one)
     na, nb = res.best_b.numel(), res.best_a.numel()
     print(f"A: {cfg.sae_a} ({na} latents, {ma['hook_point']})   B: {cfg.sae_b} ({nb} latents, {mb['hook_point']})")

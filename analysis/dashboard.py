@@ -163,7 +163,7 @@ def page(title: str, body: str, script: str = "") -> str:
 def latent_page(rec: dict, doc: dict, n_latents: int) -> str:
     i = rec["index"]
     sae = doc.get("sae", {})
-    nav = (f'<a href="../index.html">all latents</a>'
+    nav = ('<a href="../index.html">all latents</a>'
            + (f' · <a href="{i - 1:05d}.html">← {i - 1}</a>' if i > 0 else "")
            + (f' · <a href="{i + 1:05d}.html">{i + 1} →</a>' if i + 1 < n_latents else ""))
     stats = (f'<table class="stats"><tr><td>density</td><td class="n">{pct(rec["frac_nonzero"])}</td>'

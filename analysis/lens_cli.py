@@ -3,30 +3,30 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from analysis.lens import LensResult, encode_prompt, logit_lens
 from analysis.plots import heatmap, short_label, write_csv
-from saeforge.config import parse_config, save_config
+from saeforge.config import option, parse_config, save_config
 from saeforge.errors import UserError
-from collect.model import load_model
+from collect.model import ModelDtype, load_model
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LensConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec (alias, HF dir, .gguf, hub name)"})
-    prompt: str | None = field(default=None, metadata={"help": "the text to read through the lens"})
-    target: str | None = field(default=None, metadata={"help": "one token to track, e.g. ' Paris' (leading space)"})
-    out: str = field(default="runs/lens", metadata={"help": "output directory"})
-    top: int = field(default=5, metadata={"help": "top tokens per layer and position"})
-    position: int = field(default=-1, metadata={"help": "position shown in the per-layer table (-1 = last)"})
-    device: str = "cpu"
-    dtype: str = "float32"
-    quiet: bool = False
+    model: str = option("smollm2-135m", "model spec (alias, HF dir, .gguf, hub name)")
+    prompt: str | None = option(None, "the text to read through the lens")
+    target: str | None = option(None, "one token to track, e.g. ' Paris' (leading space)")
+    out: str = option("runs/lens", "output directory")
+    top: int = option(5, "top tokens per layer and position")
+    position: int = option(-1, "position shown in the per-layer table (-1 = last)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    dtype: ModelDtype = option("float32", "model compute dtype")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
         if not self.prompt:

@@ -2,43 +2,39 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from analysis.patching import METRICS, SITES, PatchResult, activation_patching
 from analysis.plots import heatmap, short_label, write_csv
-from saeforge.config import parse_config, save_config
+from saeforge.config import option, parse_config, save_config
 from saeforge.errors import UserError
-from collect.model import load_model
+from collect.model import ModelDtype, load_model
 
 
 @dataclass
 class PatchConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec (alias, HF dir, .gguf, hub name)"})
-    clean: str | None = field(default=None, metadata={"help": "the clean prompt"})
-    corrupt: str | None = field(default=None, metadata={"help": "the corrupted prompt (same token length)"})
-    answer: str | None = field(default=None, metadata={"help": "the clean answer, one token, e.g. ' Paris'"})
-    wrong: str | None = field(default=None, metadata={"help": "the corrupted answer, one token, e.g. ' Rome'"})
-    hook: str = field(default="resid_post", metadata={"help": "site to patch: " + "|".join(SITES)})
-    metric: str = field(default="logit_diff", metadata={"help": "logit_diff (answer - wrong) or prob (of answer)"})
-    layers: list[int] | None = field(default=None, metadata={
-        "help": "layers to patch, e.g. 0,10,-1 (write --layers=-1,-2 when the list starts negative; default all)"})
-    batch_size: int = field(default=64, metadata={"help": "patched copies per forward"})
-    out: str = field(default="runs/patch", metadata={"help": "output directory"})
-    device: str = "cpu"
-    dtype: str = "float32"
-    quiet: bool = False
+    model: str = option("smollm2-135m", "model spec (alias, HF dir, .gguf, hub name)")
+    clean: str | None = option(None, "the clean prompt")
+    corrupt: str | None = option(None, "the corrupted prompt (same token length)")
+    answer: str | None = option(None, "the clean answer, one token, e.g. ' Paris'")
+    wrong: str | None = option(None, "the corrupted answer, one token, e.g. ' Rome'")
+    hook: str = option("resid_post", "site to patch", choices=SITES)
+    metric: str = option("logit_diff", "logit_diff (answer - wrong) or prob (of answer)", choices=METRICS)
+    layers: list[int] | None = option(None, "layers to patch, e.g. 0,10,-1 (write --layers=-1,-2 when the list starts "
+                                            "negative; default all)")
+    batch_size: int = option(64, "patched copies per forward")
+    out: str = option("runs/patch", "output directory")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    dtype: ModelDtype = option("float32", "model compute dtype")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
         for name in ("clean", "corrupt", "answer", "wrong"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required; e.g. --clean \"The Eiffel Tower is in the city of\" "
                                 "--corrupt \"The Colosseum is in the city of\" --answer \" Paris\" --wrong \" Rome\"")
-        if self.hook not in SITES:
-            raise UserError(f"--hook {self.hook!r} is not a patchable site; use one of {list(SITES)}")
-        if self.metric not in METRICS:
-            raise UserError(f"--metric {self.metric!r} is unknown; use one of {list(METRICS)}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1")
 

@@ -7,31 +7,31 @@ then a greedy left-to-right search; prints the strings with their activations.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from saeforge.config import config_dict, parse_config
+from saeforge.config import config_dict, option, parse_config
 from saeforge.errors import UserError
 from collect.model import load_model
 
 
 @dataclass
 class SearchConfig:
-    model: str | None = field(default=None, metadata={"help": "model spec (default: the SAE's model, else smollm2-135m)"})
-    sae: str | None = field(default=None, metadata={"help": "SAE directory (its hook point is searched)"})
-    latent: int | None = field(default=None, metadata={"help": "SAE latent to maximise"})
-    hook: str | None = field(default=None, metadata={"help": "hook point, for --neuron without an SAE"})
-    neuron: int | None = field(default=None, metadata={"help": "dimension of the hook point to maximise"})
-    greedy_tokens: int = field(default=5, metadata={"help": "length of the greedy search (0 = complete search only)"})
-    top: int = field(default=10, metadata={"help": "best single tokens listed"})
-    prefix: str = field(default="", metadata={"help": "text placed before the searched tokens"})
-    bos: bool = field(default=True, metadata={"help": "start the input with BOS (as the store's sequences do)"})
-    vocab: int | None = field(default=None, metadata={"help": "search only token ids below this (default: all)"})
-    batch: int = field(default=512, metadata={"help": "vocabulary tokens per forward"})
-    out: str | None = field(default=None, metadata={"help": "also write the result as JSON here"})
-    device: str = "cpu"
-    quiet: bool = False
+    model: str | None = option(None, "model spec (default: the SAE's model, else smollm2-135m)")
+    sae: str | None = option(None, "SAE directory (its hook point is searched)")
+    latent: int | None = option(None, "SAE latent to maximise")
+    hook: str | None = option(None, "hook point, for --neuron without an SAE")
+    neuron: int | None = option(None, "dimension of the hook point to maximise")
+    greedy_tokens: int = option(5, "length of the greedy search (0 = complete search only)")
+    top: int = option(10, "best single tokens listed")
+    prefix: str = option("", "text placed before the searched tokens")
+    bos: bool = option(True, "start the input with BOS (as the store's sequences do)")
+    vocab: int | None = option(None, "search only token ids below this (default: all)")
+    batch: int = option(512, "vocabulary tokens per forward")
+    out: str | None = option(None, "also write the result as JSON here")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
         if self.sae is None and (self.hook is None or self.neuron is None):
@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           description="Complete and greedy vocabulary search for inputs that activate a latent or neuron.")
     sae = meta = None
     if cfg.sae:
-        from analysis.features_cli import sae_meta
+        from sae.io import sae_summary
         from sae.io import load_sae
-        meta = sae_meta(cfg.sae)
+        meta = sae_summary(cfg.sae)
         if meta["d_sae"] is not None and not 0 <= cfg.latent < int(meta["d_sae"]):  # type: ignore[operator]
             raise UserError(f"--latent {cfg.latent} is out of range: SAE {cfg.sae!r} has {meta['d_sae']} latents "
                             f"(0..{int(meta['d_sae']) - 1})")

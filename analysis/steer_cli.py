@@ -9,68 +9,66 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 
-from saeforge.config import config_dict, parse_config
+from saeforge.config import config_dict, option, parse_config
+from saeforge.devices import check_device
 from saeforge.errors import UserError
 from saeforge.progress import progress
+from collect.model import ModelDtype
 
 log = logging.getLogger(__name__)
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class SteerConfig:
-    model: str = field(default="smollm2-135m", metadata=_h("model spec (alias, HF dir, .gguf, hub name)"))
-    device: str = field(default="cpu", metadata=_h("cpu or cuda"))
-    dtype: str = field(default="float32", metadata=_h("float32, float16 or bfloat16"))
+    model: str = option("smollm2-135m", "model spec (alias, HF dir, .gguf, hub name)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    dtype: ModelDtype = option("float32", "model compute dtype")
     # sources (exactly one)
-    sae: str | None = field(default=None, metadata=_h("SAE directory: steer along --latent's decoder row"))
-    latent: int | None = field(default=None, metadata=_h("SAE latent index"))
-    add: str | None = field(default=None, metadata=_h("ActAdd: prompt whose activation is added (e.g. 'Love')"))
-    sub: str | None = field(default=None, metadata=_h("ActAdd: prompt whose activation is subtracted (e.g. 'Hate')"))
-    pairs: str | None = field(default=None, metadata=_h("CAA: JSONL with 'positive'/'negative' fields"))
-    load: str | None = field(default=None, metadata=_h("a .safetensors steering vector saved with --save"))
-    method: str = field(default="mean", metadata=_h("--pairs: mean (CAA) or pca (repeng-style)"))
-    read: str = field(default="last", metadata=_h("read prompts at the last token, the mean over tokens, or "
-                                                  "per_position (ActAdd rows added at positions 0..n-1)"))
-    source_layer: str | None = field(default=None, metadata=_h("layer (or hook point) the direction is read at; "
-                                                               "default: each --layer"))
+    sae: str | None = option(None, "SAE directory: steer along --latent's decoder row")
+    latent: int | None = option(None, "SAE latent index")
+    add: str | None = option(None, "ActAdd: prompt whose activation is added (e.g. 'Love')")
+    sub: str | None = option(None, "ActAdd: prompt whose activation is subtracted (e.g. 'Hate')")
+    pairs: str | None = option(None, "CAA: JSONL with 'positive'/'negative' fields")
+    load: str | None = option(None, "a .safetensors steering vector saved with --save")
+    method: Literal["mean", "pca"] = option("mean", "--pairs: mean (CAA) or pca (repeng-style)")
+    read: Literal["last", "mean", "per_position"] = option("last", "read prompts at the last token, the mean over tokens, or "
+                                                  "per_position (ActAdd rows added at positions 0..n-1)")
+    source_layer: str | None = option(None, "layer (or hook point) the direction is read at; "
+                                                               "default: each --layer")
     # where and how
-    layer: str | None = field(default=None, metadata=_h("inject layer(s): 6, 4,6,8 or a hook point; a bare number "
+    layer: str | None = option(None, "inject layer(s): 6, 4,6,8 or a hook point; a bare number "
                                                         "means layers.N.resid_post; default: the SAE's hook point, "
-                                                        "the saved file's, or 6"))
-    coeff: float = field(default=1.0, metadata=_h("multiplier of the raw direction (add), or the clamp value "
-                                                  "(clamp); SmolLM2 Love−Hate: 0.5-2 works, 4+ breaks text"))
-    coeff_relative: bool = field(default=False, metadata=_h("coeff × typical residual norm × unit direction"))
-    norm_scale: float | None = field(default=None, metadata=_h("typical residual norm for --coeff-relative"))
-    store: str | None = field(default=None, metadata=_h("activation store whose norm_median gives the norm scale"))
-    op: str = field(default="add", metadata=_h("add, ablate or clamp"))
-    positions: str = field(default="all", metadata=_h("all, prompt or generated"))
-    skip_first: int = field(default=0, metadata=_h("leave absolute positions below this alone (1 spares the "
-                                                   "attention-sink first token; llama.cpp steers it)"))
+                                                        "the saved file's, or 6")
+    coeff: float = option(1.0, "multiplier of the raw direction (add), or the clamp value "
+                                                  "(clamp); SmolLM2 Love−Hate: 0.5-2 works, 4+ breaks text")
+    coeff_relative: bool = option(False, "coeff × typical residual norm × unit direction")
+    norm_scale: float | None = option(None, "typical residual norm for --coeff-relative")
+    store: str | None = option(None, "activation store whose norm_median gives the norm scale")
+    op: Literal["add", "ablate", "clamp"] = option("add", "add the direction, ablate it, or clamp an SAE latent")
+    positions: Literal["all", "prompt", "generated"] = option("all", "positions steered")
+    skip_first: int = option(0, "leave absolute positions below this alone (1 spares the "
+                                                   "attention-sink first token; llama.cpp steers it)")
     # generation and evaluation
-    prompt: str = field(default="I hate you because", metadata=_h("prompt to continue"))
-    chat: bool = field(default=False, metadata=_h("wrap the prompt in the model's chat template"))
-    max_new_tokens: int = field(default=40, metadata=_h("tokens to generate"))
-    seed: int = field(default=0, metadata=_h("sampling seed (same for base and steered)"))
-    temperature: float = field(default=0.8, metadata=_h("sampling temperature; 0 = greedy"))
-    sweep: str | None = field(default=None, metadata=_h("coefficients to tabulate, e.g. 0,2,4,8"))
-    targets: str = field(default=" love, happy, great", metadata=_h("comma-separated target words for Δ log p"))
-    neutral_file: str | None = field(default=None, metadata=_h("neutral sentences (one per line) for the KL"))
-    no_generate: bool = field(default=False, metadata=_h("skip the side-by-side generations"))
+    prompt: str = option("I hate you because", "prompt to continue")
+    chat: bool = option(False, "wrap the prompt in the model's chat template")
+    max_new_tokens: int = option(40, "tokens to generate")
+    seed: int = option(0, "sampling seed (same for base and steered)")
+    temperature: float = option(0.8, "sampling temperature; 0 = greedy")
+    sweep: list[float] = option([], "coefficients to tabulate, e.g. 0,2,4,8")
+    targets: str = option(" love, happy, great", "comma-separated target words for Δ log p")
+    neutral_file: str | None = option(None, "neutral sentences (one per line) for the KL")
+    no_generate: bool = option(False, "skip the side-by-side generations")
     # outputs
-    save: str | None = field(default=None, metadata=_h("write the direction as .safetensors with metadata"))
-    npy: str | None = field(default=None, metadata=_h("write coeff × direction as float32 .npy"))
-    bin: str | None = field(default=None, metadata=_h("write coeff × direction as raw float32 (numpy.fromfile)"))
-    gguf: str | None = field(default=None, metadata=_h("write a llama.cpp control-vector GGUF (coeff × direction)"))
-    quiet: bool = field(default=False, metadata=_h("no progress bars"))
+    save: str | None = option(None, "write the direction as .safetensors with metadata")
+    npy: str | None = option(None, "write coeff × direction as float32 .npy")
+    bin: str | None = option(None, "write coeff × direction as raw float32 (numpy.fromfile)")
+    gguf: str | None = option(None, "write a llama.cpp control-vector GGUF (coeff × direction)")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
         sources = [n for n, v in (("--sae", self.sae), ("--add/--sub", self.add or self.sub),
@@ -84,20 +82,7 @@ class SteerConfig:
             raise UserError("--op clamp sets an SAE latent's value: pass --sae DIR --latent I")
         if self.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} must be ≥ 0")
-        for name, val, ok in (("--op", self.op, ("add", "ablate", "clamp")),
-                              ("--positions", self.positions, ("all", "prompt", "generated")),
-                              ("--method", self.method, ("mean", "pca")),
-                              ("--read", self.read, ("last", "mean", "per_position"))):
-            if val not in ok:
-                raise UserError(f"{name} {val!r} is not known; use one of {list(ok)}")
-
-    def sweep_values(self) -> list[float]:
-        if not self.sweep:
-            return []
-        try:
-            return [float(x) for x in self.sweep.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--sweep {self.sweep!r}: use comma-separated numbers like 0,2,4,8")
+        check_device(self.device)
 
 
 def _points(model, cfg: SteerConfig) -> list[str]:
@@ -172,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from analysis.steer_files import llama_cpp_index, save_bin, save_gguf, save_npy, save_safetensors
     from collect.model import load_model
 
-    sweep_vals = cfg.sweep_values()
+    sweep_vals = cfg.sweep
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     model, tok = lm.model, lm.tokenizer
     sv, latent = build_vector(lm, cfg)

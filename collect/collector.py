@@ -16,23 +16,24 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 import saeforge
-from saeforge.config import config_dict
+from saeforge.config import config_dict, option
+from saeforge.devices import check_device
 from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
 from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
 from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, parse_hook_points
-from collect.model import LoadedModel, load_model
+from collect.model import LoadedModel, ModelDtype, load_model
 from saeforge.progress import progress
 from saeforge.urls import join
-from collect.store import (STORAGE_DTYPES, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes,
+from collect.store import (StorageDtype, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes,
                            part_name, storage_np_dtype)
 
 log = logging.getLogger(__name__)
@@ -43,22 +44,22 @@ META_BYTES_PER_ROW = 4 + 8 + 4 + 1 + 1  # tokens, seq, pos, keep, heldout
 @dataclass
 class CollectConfig:
     """Everything that defines a collection run (saved in the store's attributes)."""
-    model: str = field(default="smollm2-135m", metadata={"help": "smollm2-135m, an HF dir, a .gguf path or a hub name"})
-    corpus: str = field(default="python-docs", metadata={"help": "python-docs, a file, folder, glob or hub name"})
-    text_field: str = field(default="text", metadata={"help": "column holding the text in json/parquet/csv"})
-    hooks: list[str] = field(default_factory=lambda: ["layers.15.resid_post"], metadata={"help": "comma-separated hook points"})
-    context: int = field(default=128, metadata={"help": "tokens per packed sequence"})
-    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: whole corpus)"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
-    dtype: str = field(default="float16", metadata={"help": "storage dtype: float16, float32 or bfloat16"})
-    model_dtype: str = field(default="float32", metadata={"help": "compute dtype of the model"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, …"})
-    out: str = field(default="runs/quickstart/store.zarr", metadata={"help": "store path or fsspec URL"})
-    heldout_fraction: float = field(default=0.05, metadata={"help": "share of documents held out"})
-    prepend_bos: bool = field(default=True, metadata={"help": "start every sequence with BOS"})
-    outlier_norm: float = field(default=10.0, metadata={"help": "keep=false when norm > this × median norm"})
-    shard_rows: int | None = field(default=None, metadata={"help": "rows per shard (multiple of context; default ≈32 MiB)"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+    model: str = option("smollm2-135m", "smollm2-135m, an HF dir, a .gguf path or a hub name")
+    corpus: str = option("python-docs", "python-docs, a file, folder, glob or hub name")
+    text_field: str = option("text", "column holding the text in json/parquet/csv")
+    hooks: list[str] = option(["layers.15.resid_post"], "comma-separated hook points")
+    context: int = option(128, "tokens per packed sequence")
+    max_tokens: int | None = option(None, "stop after this many tokens (default: whole corpus)")
+    batch_size: int = option(8, "sequences per forward pass")
+    dtype: StorageDtype = option("float16", "storage dtype (bfloat16 is stored as a uint16 view)")
+    model_dtype: ModelDtype = option("float32", "compute dtype of the model")
+    device: str = option("cpu", "cpu, cuda, cuda:1, …")
+    out: str = option("runs/quickstart/store.zarr", "store path or fsspec URL")
+    heldout_fraction: float = option(0.05, "share of documents held out")
+    prepend_bos: bool = option(True, "start every sequence with BOS")
+    outlier_norm: float = option(10.0, "keep=false when norm > this × median norm")
+    shard_rows: int | None = option(None, "rows per shard (multiple of context; default ≈32 MiB)")
+    quiet: bool = option(False, "no progress bar")
 
     def validate(self) -> None:
         if self.context < 2:
@@ -67,12 +68,11 @@ class CollectConfig:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < self.context:
             raise UserError(f"--max-tokens {self.max_tokens} is less than one sequence of --context {self.context}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise UserError(f"--dtype {self.dtype!r} is not a storage dtype; use one of {list(STORAGE_DTYPES)}")
         if not 0 <= self.heldout_fraction < 1:
             raise UserError(f"--heldout-fraction {self.heldout_fraction} must be in [0, 1)")
         if self.outlier_norm <= 1:
             raise UserError(f"--outlier-norm {self.outlier_norm} must be > 1 (default 10)")
+        check_device(self.device)
 
 
 def _batches(seqs: Iterator[Any], batch_size: int) -> Iterator[list[Any]]:

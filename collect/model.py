@@ -8,15 +8,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from saeforge.devices import torch_device
 from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = ("the alias 'smollm2-135m', an HF model directory (with config.json), "
             "a .gguf file path, or a hub name like 'HuggingFaceTB/SmolLM2-135M' (online only)")
+ModelDtype = Literal["float32", "float16", "bfloat16"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -97,8 +100,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported for the model; use one of {list(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device!r} requested but CUDA is not available; use --device cpu")
+    torch_device(device)
     if device == "cpu" and dtype == "bfloat16":
         log.warning("bfloat16 matmuls are very slow on CPUs without AVX-512-BF16; float32 is recommended")
     source, gguf_file = resolve_spec(spec)

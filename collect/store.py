@@ -20,9 +20,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from dataclasses import dataclass
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -33,7 +33,9 @@ from saeforge.urls import free_bytes, is_local, join, local_path, url_to_fs  # n
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+StorageDtype = Literal["float16", "float32", "bfloat16"]
+STORAGE_DTYPES: tuple[str, ...] = typing.get_args(StorageDtype)
+Split = Literal["heldout", "train", "all"]  # which keep rows a reader takes
 ROW_ARRAYS = {"tokens": "int32", "seq": "int64", "pos": "int32", "keep": "bool", "heldout": "bool"}
 # attributes that must match for a run to continue an existing store
 RESUME_KEYS = ("format_version", "model_hash", "hook_points", "d_model", "dtype", "context", "corpus",
@@ -201,7 +203,7 @@ class Store:
     def heldout(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("heldout", start, stop)
 
-    def split_mask(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def split_mask(self, split: Split, start: int = 0, stop: int | None = None) -> np.ndarray:
         """keep rows of one split: 'train' (not held out), 'heldout', or 'all'."""
         keep = self.keep(start, stop)
         if split == "all":

@@ -7,65 +7,59 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
+from saeforge.config import option
+from saeforge.devices import check_device
 from saeforge.errors import UserError
+from sae.wandb_log import WandbMode
 from sae.architectures import ARCHITECTURES, ArchConfig
 
-WANDB_MODES = ("online", "offline", "disabled")
 # fields that may change between an interrupted run and its --resume (they do not affect weights)
 RESUMABLE_CHANGES = frozenset({"resume", "quiet", "wandb", "wandb_project", "device", "threads",
                                "checkpoint_every", "log_every", "eval_every", "eval_rows", "eval_ce_tokens",
                                "buffer_rows"})
 
 
-def _f(default, help: str):  # noqa: A002 - mirrors dataclasses.field's metadata use
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
-    store: str = _f("", "activation store (.zarr) written by `saeforge collect`")
-    hook: str = _f("", "hook point to train on (default: the store's only hook)")
-    out: str = _f("sae_out", "output SAE directory (one sub-directory per SAE in a sweep)")
-    arch: list[str] = _f(["topk"], f"architecture(s): {', '.join(ARCHITECTURES)}")
-    k: list[int] = _f([32], "active latents per token (topk, batchtopk); a list makes a sweep")
-    expansion: list[int] = _f([8], "d_sae = expansion × d_in; a list makes a sweep")
-    lr: list[float] = _f([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
-    tokens: int = _f(2_000_000, "training tokens")
-    batch_size: int = _f(4096, "tokens per step")
-    seed: int = _f(0, "seed for initialisation and data order")
-    device: str = _f("cpu", "cpu or cuda[:i]")
-    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
-    resume: bool = _f(False, "continue the interrupted run in --out exactly")
-    quiet: bool = _f(False, "no progress bar")
-    wandb: str = _f("offline", "wandb mode: online, offline (runs land in ./wandb) or disabled")
-    wandb_project: str = _f("saeforge", "wandb project")
-    checkpoint_every: int = _f(1_000_000, "tokens between checkpoints (0: only on interrupt)")
-    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
-    warmup_steps: int = _f(1000, "linear lr warm-up steps (capped at a tenth of the run)")
-    decay_fraction: float = _f(0.2, "linear lr decay to 0 over this final fraction of steps")
-    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
-    aux_k: int = _f(0, "AuxK latents (0: d_in/2)")
-    aux_coef: float = _f(1 / 32, "AuxK loss coefficient")
-    l1_coef: float = _f(5.0, "relu: L1 coefficient (L1 weighted by decoder norm)")
-    l0_coef: float = _f(1e-3, "jumprelu: L0 coefficient")
-    scale_sample: int = _f(65536, "rows used to estimate the input scale and b_dec")
-    init_b_dec: str = _f("median", "b_dec initialisation: median (geometric) or mean")
-    buffer_rows: int = _f(1 << 17, "rows in the in-RAM shuffle buffer")
-    log_every: int = _f(10, "steps between wandb metric logs")
-    eval_every: int = _f(200, "steps between held-out evaluations and latent-density histograms")
-    eval_rows: int = _f(8192, "held-out rows for evaluation")
-    eval_ce_tokens: int = _f(0, "tokens for the final CE/KL evaluation with the SAE spliced in (0: skip; loads the model)")
+    store: str = option("", "activation store (.zarr) written by `saeforge collect`")
+    hook: str = option("", "hook point to train on (default: the store's only hook)")
+    out: str = option("sae_out", "output SAE directory (one sub-directory per SAE in a sweep)")
+    arch: list[str] = option(["topk"], "architecture(s); a list makes a sweep", choices=list(ARCHITECTURES))
+    k: list[int] = option([32], "active latents per token (topk, batchtopk); a list makes a sweep")
+    expansion: list[int] = option([8], "d_sae = expansion × d_in; a list makes a sweep")
+    lr: list[float] = option([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
+    tokens: int = option(2_000_000, "training tokens")
+    batch_size: int = option(4096, "tokens per step")
+    seed: int = option(0, "seed for initialisation and data order")
+    device: str = option("cpu", "cpu or cuda[:i]")
+    threads: int = option(0, "torch CPU threads (0: leave torch's default)")
+    resume: bool = option(False, "continue the interrupted run in --out exactly")
+    quiet: bool = option(False, "no progress bar")
+    wandb: WandbMode = option("offline", "wandb mode: online, offline (runs land in ./wandb) or disabled")
+    wandb_project: str = option("saeforge", "wandb project")
+    checkpoint_every: int = option(1_000_000, "tokens between checkpoints (0: only on interrupt)")
+    dead_tokens: int = option(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
+    warmup_steps: int = option(1000, "linear lr warm-up steps (capped at a tenth of the run)")
+    decay_fraction: float = option(0.2, "linear lr decay to 0 over this final fraction of steps")
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
+    aux_k: int = option(0, "AuxK latents (0: d_in/2)")
+    aux_coef: float = option(1 / 32, "AuxK loss coefficient")
+    l1_coef: float = option(5.0, "relu: L1 coefficient (L1 weighted by decoder norm)")
+    l0_coef: float = option(1e-3, "jumprelu: L0 coefficient")
+    scale_sample: int = option(65536, "rows used to estimate the input scale and b_dec")
+    init_b_dec: Literal["median", "mean"] = option("median", "b_dec initialisation: median (geometric) or mean")
+    buffer_rows: int = option(1 << 17, "rows in the in-RAM shuffle buffer")
+    log_every: int = option(10, "steps between wandb metric logs")
+    eval_every: int = option(200, "steps between held-out evaluations and latent-density histograms")
+    eval_rows: int = option(8192, "held-out rows for evaluation")
+    eval_ce_tokens: int = option(0, "tokens for the final CE/KL evaluation with the SAE spliced in (0: skip; loads the model)")
 
     def validate(self) -> None:
         if not self.store:
             raise UserError("no store given; pass --store PATH.zarr (written by `saeforge collect`)")
-        for a in self.arch:
-            if a not in ARCHITECTURES:
-                raise UserError(f"--arch {a!r} is unknown; choose from {', '.join(ARCHITECTURES)}")
         if not self.arch or not self.k or not self.expansion:
             raise UserError("--arch, --k and --expansion need at least one value")
         for name in ("k", "expansion"):
@@ -81,14 +75,9 @@ class TrainConfig:
             raise UserError(f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size})")
         if self.eval_ce_tokens < 0:
             raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
-        if self.wandb not in WANDB_MODES:
-            raise UserError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
         if not 0 <= self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
-        if self.init_b_dec not in ("median", "mean"):
-            raise UserError(f"--init-b-dec {self.init_b_dec!r}: use median or mean")
-        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
-            raise UserError(f"--device {self.device!r}: use cpu or cuda")
+        check_device(self.device)
 
     @property
     def steps(self) -> int:

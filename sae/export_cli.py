@@ -1,23 +1,30 @@
 """`saeforge export SAE_DIR --format saelens --out DIR`."""
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
+from saeforge.config import option, parse_config
 from saeforge.errors import UserError
 
-FORMATS = ("saelens",)
+
+@dataclass
+class ExportConfig:
+    sae: str = option("", "SAE directory written by `saeforge train` (path or fsspec URL)", positional=True)
+    format: Literal["saelens"] = option("saelens", "target library's format")
+    out: str = option("", "output folder")
+
+    def validate(self) -> None:
+        if not self.sae:
+            raise UserError("give the SAE directory: saeforge export SAE_DIR --out DIR")
+        if not self.out:
+            raise UserError("--out is required: the folder to write the export to")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="saeforge export", description="export a trained SAE to another library's format")
-    p.add_argument("sae_dir", help="SAE directory written by `saeforge train`")
-    p.add_argument("--format", default="saelens", help=f"one of: {', '.join(FORMATS)}")
-    p.add_argument("--out", required=True, help="output folder")
-    a = p.parse_args(argv)
-    if a.format not in FORMATS:
-        raise UserError(f"--format {a.format!r} is not supported; use one of {', '.join(FORMATS)}")
+    cfg, _ = parse_config(ExportConfig, argv, section="export", prog="saeforge export",
+                          description="export a trained SAE to another library's format")
     from sae.export_saelens import export_saelens
-    out = export_saelens(a.sae_dir, a.out)
+    out = export_saelens(cfg.sae, cfg.out)
     print(f"wrote {out} (load with sae_lens.SAE.load_from_disk({str(out)!r}))")
     return 0

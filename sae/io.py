@@ -98,3 +98,36 @@ def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
             else:
                 sae.threshold.copy_(t["threshold"])
     return sae.to(device).eval()
+
+
+def sae_summary(sae_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Hook point, model, hash and shape recorded in an SAE directory's cfg.json."""
+    cfg = read_cfg(sae_dir)
+    hook = cfg.get("hook_point") or cfg.get("hook") or (cfg.get("config") or {}).get("hook")
+    return {"hook_point": hook, "model": cfg.get("model"), "model_hash": cfg.get("model_hash"),
+            "architecture": cfg.get("architecture"), "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"),
+            "k": cfg.get("k")}
+
+
+def check_store_match(cfg: dict[str, Any], store: Any, sae_dir: str | os.PathLike[str]) -> str:
+    """The hook point to read for this SAE, after checking the store comes from the same model, hook and width.
+
+    The one SAE-vs-store check: every command that reads an SAE together with a store calls it."""
+    hook = cfg.get("hook_point") or cfg.get("hook") or (cfg.get("config") or {}).get("hook")
+    if not hook:
+        if len(store.hooks) != 1:
+            raise UserError(f"{str(sae_dir)!r}/cfg.json records no hook_point and store {store.path!r} holds "
+                            f"{store.hooks}; pass an SAE directory written by `saeforge train`")
+        hook = store.hooks[0]
+    if hook not in store.hooks:
+        raise UserError(f"the SAE in {str(sae_dir)!r} was trained on hook {hook!r}, but store {store.path!r} holds "
+                        f"{store.hooks}; pass a store collected at {hook} (saeforge collect --hooks {hook})")
+    mh = cfg.get("model_hash")
+    if mh and mh != store.model_hash:
+        raise UserError(f"the SAE in {str(sae_dir)!r} was trained on model {cfg.get('model')!r} (weights hash "
+                        f"{mh[:12]}) but store {store.path!r} comes from {store.model_spec!r} (hash "
+                        f"{str(store.model_hash)[:12]}); pass a store collected with the SAE's model")
+    if cfg.get("d_in") is not None and int(cfg["d_in"]) != store.d_model:
+        raise UserError(f"the SAE in {str(sae_dir)!r} takes d_in={cfg.get('d_in')} but store {store.path!r} has "
+                        f"d_model={store.d_model}; pass a store of the SAE's model and hook")
+    return str(hook)

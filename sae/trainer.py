@@ -31,7 +31,7 @@ from sae.checkpoint import (checkpoint_exists, config_changes, load_checkpoint, 
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
 from sae.init import geometric_median, unit_norm_scale
 from sae.io import save_sae
-from saeforge.urls import is_url, join, resolve
+from saeforge.urls import is_url, join
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
 from sae.evaluate import evaluate_rows
 from sae.schedule import lr_at, warmup_steps_for
@@ -344,21 +344,13 @@ class Trainer:
 
     def _full_eval(self, dirs: list[Path | str]) -> dict[str, float]:
         """`saeforge eval` on each saved SAE (eval.json beside it); scalars as {name}/eval/{k}."""
-        from sae.eval_cli import EvalConfig, run_eval
+        from sae.eval_run import EvalConfig, run_eval
         cfg = self.cfg
         out: dict[str, float] = {}
         for m, d in zip(self.members, dirs):
-            ecfg = EvalConfig(store=str(cfg.store), tokens=cfg.eval_rows, ce_tokens=cfg.eval_ce_tokens,
-                              device=cfg.device, wandb="disabled", quiet=cfg.quiet)
-            if is_url(d):  # run_eval writes eval.json locally: write it to a temp file, then upload it
-                import tempfile
-                with tempfile.TemporaryDirectory() as tmp:
-                    ecfg.out = os.path.join(tmp, "eval.json")
-                    res, _ = run_eval(str(d), ecfg)
-                    fs, root = resolve(d)
-                    fs.put_file(ecfg.out, f"{root}/eval.json")
-            else:
-                res, _ = run_eval(str(d), ecfg)
+            res, _ = run_eval(EvalConfig(sae=str(d), store=str(cfg.store), tokens=cfg.eval_rows,
+                                         ce_tokens=cfg.eval_ce_tokens, device=cfg.device, wandb="disabled",
+                                         quiet=cfg.quiet))
             out.update({f"{m.spec.name}/eval/{k}": v for k, v in res["metrics"].items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return out

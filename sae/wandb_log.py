@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+WandbMode = Literal["online", "offline", "disabled"]
 
 
 class RunLogger:
