@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from collect.layers import HookPoint, Layout, discover_layout, parse_hook_points
+from collect.layers import HookPoint, Layout, discover_layout, parse_hook_points, resolve_hook_point
+from saeforge.errors import UserError
 
 
 class StopForward(Exception):
@@ -74,12 +75,18 @@ def _register(model: torch.nn.Module, hp: HookPoint, fn: EditFn) -> torch.utils.
 def hooks(model: torch.nn.Module, fns: dict[str, EditFn], layout: Layout | None = None) -> Iterator[list[HookPoint]]:
     """Install `{hook point: fn}` for the duration of the block; yields the resolved points."""
     lay = _layout(model, layout)
-    points = parse_hook_points(lay, list(fns))
+    pairs = [(resolve_hook_point(lay, name), fn) for name, fn in fns.items()]
+    seen: dict[str, str] = {}
+    for (hp, _), given in zip(pairs, fns):
+        if hp.name in seen:  # e.g. layers.-1.resid_post and layers.29.resid_post: never shift or drop one
+            raise UserError(f"hook points {seen[hp.name]!r} and {given!r} are the same point {hp.name!r}; "
+                            f"give each point once (combine the two functions into one)")
+        seen[hp.name] = given
     handles = []
     try:
-        for hp, fn in zip(points, fns.values()):
+        for hp, fn in pairs:
             handles.append(_register(model, hp, fn))
-        yield points
+        yield [hp for hp, _ in pairs]
     finally:
         for h in handles:
             h.remove()

@@ -25,8 +25,19 @@ def test_layout_matches_config(model):
     lay = discover_layout(model)
     assert lay.n_layers == model.config.num_hidden_layers
     assert len(lay.attn) == lay.n_layers and len(lay.mlp) == lay.n_layers
-    assert lay.final_norm is not None
     assert model.get_submodule(lay.embed) is model.get_input_embeddings()
+
+
+def test_final_norm_is_what_the_unembedding_reads(model):
+    """The module called final_norm is the one whose output the LM head turns into the logits."""
+    ids = _ids()
+    with capture(model, "final_norm") as acts, torch.no_grad():
+        logits = model(input_ids=ids).logits
+        again = model.get_output_embeddings()(acts["final_norm"])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        again = torch.tanh(again / cap) * cap
+    torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_every_hook_point_resolves_and_fires(model):
@@ -128,3 +139,19 @@ def test_project_out_and_replace(model):
         model(input_ids=_ids())
     # capture registered after the edit on the same module sees the edited input
     assert acts2["layers.1.resid_pre"].abs().max() == 0
+
+
+def test_aliases_of_one_point_are_refused_not_shifted(model):
+    """layers.-1 and layers.{n-1} are one point: installing both must fail, never run g at layer 3 (bug 2)."""
+    n = model.config.num_hidden_layers
+    calls: list[str] = []
+    fns = {"layers.-1.resid_post": lambda x, c: calls.append("f"), f"layers.{n - 1}.resid_post": lambda x, c: calls.append("g"),
+           "layers.0.resid_post": lambda x, c: calls.append("h")}
+    with pytest.raises(UserError, match="are the same point"):
+        with hooks(model, fns):
+            pass
+    distinct = {"layers.-1.resid_post": lambda x, c: calls.append("last"), "layers.0.resid_post": lambda x, c: calls.append("first")}
+    with hooks(model, distinct) as points, torch.no_grad():
+        model(input_ids=_ids())
+    assert [p.name for p in points] == [f"layers.{n - 1}.resid_post", "layers.0.resid_post"]
+    assert calls == ["first", "last"]
