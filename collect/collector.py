@@ -11,6 +11,7 @@ so keep does not depend on the rank count) and, once every part is complete, the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import itertools
 import queue
@@ -30,9 +31,10 @@ from collect.corpus import describe_corpus, estimate_tokens, load_documents, pac
 from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, parse_hook_points
-from collect.model import LoadedModel, ModelDtype, load_model
+from collect.model import LoadedModel, ModelDtype, load_model, max_positions
 from saeforge.progress import progress
-from saeforge.urls import join
+from saeforge.locks import exclusive
+from saeforge.urls import check_output_dir, join
 from collect.store import (StorageDtype, PartsRoot, ShardPlan, Store, StoreWriter, free_bytes,
                            part_name, storage_np_dtype)
 
@@ -143,9 +145,12 @@ def _median_norms(acts: dict[str, torch.Tensor], special: torch.Tensor) -> dict[
 def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Store:
     """Run (or resume) a collection; returns the store opened for reading (finished, except on
     ranks > 0 of a multi-rank run, which return as soon as their own part is complete)."""
+    check_output_dir(cfg.out)
     ctx = init_from_env(cfg.device)
     try:
-        return _collect(cfg, loaded, ctx)
+        # one run per store: a second `collect` on the same --out stops here (rank 0 holds the lock)
+        with exclusive(cfg.out, "store") if ctx.is_main else contextlib.nullcontext():
+            return _collect(cfg, loaded, ctx)
     finally:
         ctx.close()
 
@@ -183,6 +188,10 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
     device = resolve_device(cfg.device, ctx.local_rank, ctx.world_size)
     loaded = loaded or load_model(cfg.model, device, cfg.model_dtype)
     model, tok = loaded.model, loaded.tokenizer
+    max_pos = max_positions(model)
+    if max_pos is not None and cfg.context > max_pos:
+        raise UserError(f"--context {cfg.context} is longer than {cfg.model!r} can attend over ({max_pos} positions); "
+                        f"use --context {max_pos} or less")
     layout = discover_layout(model)
     points = parse_hook_points(layout, cfg.hooks)
     names = [p.name for p in points]
@@ -198,7 +207,7 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
         "hook_points": names, "hook_modules": {p.name: p.module for p in points},
         "d_model": d_model, "n_layers": layout.n_layers, "dtype": cfg.dtype, "context": cfg.context,
         "corpus": describe_corpus(cfg.corpus, cfg.text_field), "heldout_fraction": cfg.heldout_fraction,
-        "prepend_bos": cfg.prepend_bos, "rank": 0, "world_size": ctx.world_size,
+        "prepend_bos": cfg.prepend_bos, "outlier_norm": cfg.outlier_norm, "rank": 0, "world_size": ctx.world_size,
         "saeforge_version": saeforge.__version__, "config": config_dict(cfg),
     }
     corpus_tokens = estimate_tokens(docs, tok)
@@ -209,8 +218,12 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
 
     writer = StoreWriter(cfg.out, attrs, plan)
     if writer.complete:
-        log.info("store %s is already complete (%d tokens); nothing to do", cfg.out, writer.n_committed)
-        return Store.open(cfg.out)
+        if not _wants_more(writer.attrs, writer.n_committed, target_rows):
+            log.info("store %s is already complete (%s tokens); nothing to do", cfg.out, f"{writer.n_committed:,}")
+            return Store.open(cfg.out)
+        log.info("store %s is complete at %s tokens; extending it to %s", cfg.out, f"{writer.n_committed:,}",
+                 "the whole corpus" if target_rows is None else f"{target_rows:,} tokens")
+        writer.reopen()
     start_row = writer.n_committed
     seqs = run.sequences(start=start_row // cfg.context)
     medians = dict(writer.attrs["norm_median"]) if "norm_median" in writer.attrs else None
@@ -218,7 +231,7 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
     if loop is None and start_row == 0:
         raise UserError(f"corpus {cfg.corpus!r} is shorter than one sequence of --context {cfg.context}; "
                         f"use a larger corpus or a smaller --context")
-    writer.finish()
+    writer.finish(corpus_exhausted=target_rows is None or writer.n_committed < target_rows)
     elapsed = time.perf_counter() - t_start
     if loop is not None:
         writer.update_attrs(collect_seconds=round(elapsed, 2), loop_seconds=round(loop, 3),
@@ -252,8 +265,12 @@ def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: i
     if "error" in info:
         raise UserError(info["error"])
     if info["complete"]:
+        done = Store.open(cfg.out)
+        if _wants_more(done.attrs, done.n_tokens, target_rows):
+            raise UserError(f"store {cfg.out!r} is complete with {done.n_tokens:,} tokens and this run asks for more; "
+                            f"a multi-rank store cannot be extended: collect into a new --out")
         log.info("store %s is already complete; nothing to do", cfg.out)
-        return Store.open(cfg.out)
+        return done
 
     medians = dict(info["norm_median"])
     part = join(cfg.out, part_name(ctx.rank))
@@ -278,6 +295,21 @@ def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: i
         log.info("store %s complete: %s tokens from %d ranks in %.1f s", cfg.out, f"{root.attrs['n_tokens']:,}",
                  ctx.world_size, time.perf_counter() - t_start)
     return Store.open(cfg.out)
+
+
+def _wants_more(attrs: dict[str, Any], n_committed: int, target_rows: int | None) -> bool:
+    """Whether a complete store should grow for this run's --max-tokens (None = the whole corpus).
+
+    A store that ran out of corpus has nothing more to give; one stopped by a smaller --max-tokens
+    grows when asked for more."""
+    exhausted = attrs.get("corpus_exhausted")
+    if exhausted is None:  # stores from before this attribute: stopped by max_tokens iff one was set
+        old_max = (attrs.get("config") or {}).get("max_tokens")
+        context = int(attrs.get("context", 1))
+        exhausted = old_max is None or n_committed < (old_max // context) * context
+    if exhausted:
+        return False
+    return target_rows is None or target_rows > n_committed
 
 
 def _wait_for_parts(root: PartsRoot, poll_seconds: float = 1.0) -> list[tuple[int, bool]]:

@@ -116,3 +116,14 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, weights_hash=weights_hash(model))
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position scheme allows, when its config says."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        n = getattr(cfg, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None

@@ -39,7 +39,7 @@ Split = Literal["heldout", "train", "all"]  # which keep rows a reader takes
 ROW_ARRAYS = {"tokens": "int32", "seq": "int64", "pos": "int32", "keep": "bool", "heldout": "bool"}
 # attributes that must match for a run to continue an existing store
 RESUME_KEYS = ("format_version", "model_hash", "hook_points", "d_model", "dtype", "context", "corpus",
-               "prepend_bos", "heldout_fraction", "shard_rows", "rank", "world_size")
+               "prepend_bos", "heldout_fraction", "outlier_norm", "shard_rows", "rank", "world_size")
 
 
 def storage_np_dtype(dtype: str) -> str:
@@ -73,11 +73,27 @@ def store_exists(path: str) -> bool:
 def _open_group(path: str, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(zarr_target(path), mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
-        raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first") from None
     except ImportError as e:
         raise UserError(f"store URL {path!r} needs an fsspec backend that is not installed ({e}); "
                         f"install it (e.g. `pip install s3fs` for s3://) or use a local path") from None
+    except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"store {path!r}: its zarr.json is damaged ({type(e).__name__}: {e}); restore it or "
+                        f"collect the store again") from None
+
+
+def _not_a_store(path: str) -> UserError:
+    """Why `path` cannot be opened as a store, in one line."""
+    if is_local(path):
+        p = local_path(path)
+        if os.path.isfile(p):
+            return UserError(f"{path!r} is a file, not an activation store; pass the --out directory of "
+                             f"`saeforge collect`")
+        if os.path.isdir(p):
+            return UserError(f"{path!r} is a directory but not an activation store (no zarr.json); pass the --out "
+                             f"directory of `saeforge collect`")
+    return UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
 
 
 class Store:
@@ -93,6 +109,11 @@ class Store:
         if self.attrs.get("format") != "saeforge-activations":
             raise UserError(f"{path!r} is not a saeforge activation store (no 'format' attribute); "
                             f"pass a store written by `saeforge collect`")
+        missing = [k for k in ("hook_points", "d_model", "n_tokens", "context", "model", "model_hash", "dtype",
+                               "chunk_rows", "shard_rows", "complete") if k not in self.attrs]
+        if missing:
+            raise UserError(f"store {path!r} lacks the attribute(s) {missing}: it is damaged or from an older "
+                            f"saeforge; collect it again")
         names = self.attrs.get("parts") or []
         if names:  # committed rows of each part, read from the part's own attributes
             self._parts = [group[name] for name in names]
@@ -118,8 +139,9 @@ class Store:
     def open(cls, path: str | os.PathLike) -> "Store":
         path = str(path)
         if not store_exists(path):
-            raise UserError(f"activation store {path!r} not found; run `saeforge collect --out {path}` first")
-        return cls(_open_group(path, "r"), path)
+            raise _not_a_store(path)
+        store = cls(_open_group(path, "r"), path)
+        return store
 
     @property
     def n_parts(self) -> int:
@@ -242,34 +264,53 @@ class StoreWriter:
         self.plan = plan
         self.hooks: list[str] = list(attrs["hook_points"])
         d, dtype = int(attrs["d_model"]), attrs["dtype"]
-        if store_exists(path):
-            self.group = _open_group(path, "r+")
-            old = dict(self.group.attrs)
+        old = _existing_attrs(path)
+        if old is not None and int(old.get("n_tokens", 0)) > 0:
             _check_resume(path, old, attrs)
+            self.group = _open_group(path, "r+")
             self.n_committed = int(old["n_tokens"])
-            self.complete = bool(old["complete"])
+            self.complete = bool(old.get("complete", False))
             self.attrs = old
-            for arr in self._arrays():
+            try:
+                arrays = self._arrays()
+            except KeyError as e:
+                raise UserError(f"store {path!r} records {self.n_committed} rows but its array {e} is missing: "
+                                f"the store is damaged; delete it and collect again") from None
+            for arr in arrays:
                 arr.resize((self.n_committed, *arr.shape[1:]))
-        else:
-            if dtype not in STORAGE_DTYPES:
-                raise UserError(f"--dtype {dtype!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
-            self.group = _open_group(path, "w")
-            for hook in self.hooks:
-                a = self.group.create_array(f"activations/{hook}", shape=(0, d), dtype=storage_np_dtype(dtype),
-                                            chunks=(plan.chunk_rows, d), shards=(plan.shard_rows, d),
-                                            compressors=None, fill_value=0)
-                if dtype == "bfloat16":
-                    a.attrs["logical_dtype"] = "bfloat16"
-            for name, dt in ROW_ARRAYS.items():
-                self.group.create_array(name, shape=(0,), dtype=dt, chunks=(plan.chunk_rows,),
-                                        shards=(plan.shard_rows,), compressors=None, fill_value=0)
-            self.attrs = {**attrs, "format": "saeforge-activations", "format_version": FORMAT_VERSION,
-                          "n_tokens": 0, "complete": False, "chunk_rows": plan.chunk_rows,
-                          "shard_rows": plan.shard_rows}
-            self.group.attrs.update(self.attrs)
-            self.n_committed = 0
-            self.complete = False
+            # the config of the run now writing (e.g. a larger --max-tokens) becomes the recorded one
+            self.update_attrs(config=attrs.get("config", old.get("config")))
+            return
+        if old is not None:
+            log.info("store %s has no committed rows (an earlier run stopped while creating it): starting over", path)
+        if dtype not in STORAGE_DTYPES:
+            raise UserError(f"--dtype {dtype!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
+        self.attrs = {**attrs, "format": "saeforge-activations", "format_version": FORMAT_VERSION,
+                      "n_tokens": 0, "complete": False, "chunk_rows": plan.chunk_rows,
+                      "shard_rows": plan.shard_rows}
+        # every attribute in the one zarr.json write that creates the group: a kill at any point
+        # leaves no group, or a group that says "0 rows committed" (which the next run restarts)
+        self.group = _create_group(path, self.attrs)
+        for hook in self.hooks:
+            self.group.create_array(f"activations/{hook}", shape=(0, d), dtype=storage_np_dtype(dtype),
+                                        chunks=(plan.chunk_rows, d), shards=(plan.shard_rows, d),
+                                        compressors=None, fill_value=0,
+                                        attributes={"logical_dtype": "bfloat16"} if dtype == "bfloat16" else None)
+        for name, dt in ROW_ARRAYS.items():
+            self.group.create_array(name, shape=(0,), dtype=dt, chunks=(plan.chunk_rows,),
+                                    shards=(plan.shard_rows,), compressors=None, fill_value=0)
+        self.n_committed = 0
+        self.complete = False
+
+    def reopen(self) -> None:
+        """Make a complete store collectable again (a larger --max-tokens): back to the last shard
+        boundary, since shards are only ever written whole; those rows are collected again."""
+        keep = self.n_committed - self.n_committed % self.plan.shard_rows
+        for arr in self._arrays():
+            arr.resize((keep, *arr.shape[1:]))
+        self.n_committed = keep
+        self.complete = False
+        self.update_attrs(n_tokens=keep, complete=False)
 
     def _arrays(self) -> list[zarr.Array]:
         return [self.group[f"activations/{h}"] for h in self.hooks] + [self.group[n] for n in ROW_ARRAYS]
@@ -291,7 +332,7 @@ class StoreWriter:
                 arr = self.group[name]
                 arr.resize((end,))
                 arr[start:end] = rows[name][:n]
-            self.group.attrs["n_tokens"] = end
+            self.group.update_attributes({"n_tokens": end})
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise UserError(f"disk full while writing {self.path!r} at row {start}; free space or choose "
@@ -300,11 +341,12 @@ class StoreWriter:
         self.n_committed = end
 
     def update_attrs(self, **kw: Any) -> None:
+        """Set attributes in one zarr.json write."""
         self.attrs.update(kw)
-        self.group.attrs.update(kw)
+        self.group.update_attributes(kw)
 
-    def finish(self) -> None:
-        self.update_attrs(complete=True)
+    def finish(self, **kw: Any) -> None:
+        self.update_attrs(complete=True, **kw)
         self.complete = True
 
 
@@ -327,17 +369,17 @@ class PartsRoot:
         else:
             if attrs["dtype"] not in STORAGE_DTYPES:
                 raise UserError(f"--dtype {attrs['dtype']!r} is not a storage dtype; use one of {STORAGE_DTYPES}")
-            self.group = _open_group(path, "w")
-            self.group.create_group("parts")
             self.attrs = {**new, "format": "saeforge-activations", "format_version": FORMAT_VERSION,
                           "parts": self.parts, "n_tokens": 0, "complete": False,
                           "chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows}
-            self.group.attrs.update(self.attrs)
+            self.group = _create_group(path, self.attrs)
+            self.group.create_group("parts")
         self.complete = bool(self.attrs["complete"])
 
     def update_attrs(self, **kw: Any) -> None:
+        """Set attributes in one zarr.json write."""
         self.attrs.update(kw)
-        self.group.attrs.update(kw)
+        self.group.update_attributes(kw)
 
     def part_status(self) -> list[tuple[int, bool]]:
         """(committed rows, complete) of every part, read fresh from the parts' own attributes."""
@@ -353,6 +395,25 @@ class PartsRoot:
         self.complete = True
 
 
+def _existing_attrs(path: str) -> dict[str, Any] | None:
+    """The attributes of the group at `path`, None when there is none; refuses a foreign group."""
+    if not store_exists(path):
+        return None
+    old = dict(_open_group(path, "r").attrs)
+    if old.get("format") != "saeforge-activations":
+        raise UserError(f"{path!r} exists and is not a saeforge activation store; choose another --out")
+    return old
+
+
+def _create_group(path: str, attrs: dict[str, Any]) -> zarr.Group:
+    """A new group (replacing whatever group is at `path`) whose zarr.json holds `attrs` from the start."""
+    try:
+        return zarr.open_group(zarr_target(path), mode="w", attributes=attrs)
+    except ImportError as e:
+        raise UserError(f"store URL {path!r} needs an fsspec backend that is not installed ({e}); "
+                        f"install it (e.g. `pip install s3fs` for s3://) or use a local path") from None
+
+
 def _check_resume(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to continue a store written by another model, hook set, d_model or layout."""
     if old.get("format") != "saeforge-activations":
@@ -362,6 +423,7 @@ def _check_resume(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
                         f"world_size {new['world_size']}; resume it with the same number of ranks "
                         f"(torchrun --nnodes × --nproc-per-node = {old.get('world_size', 1)}), or use a new --out")
     for key in RESUME_KEYS:
-        if key in new and key in old and old[key] != new[key]:
-            raise UserError(f"store {path!r} was written with {key}={old[key]!r} but this run has {key}={new[key]!r}; "
-                            f"use a new --out (or delete the store) to start over")
+        was = old.get(key, (old.get("config") or {}).get(key))  # older stores kept some keys in config only
+        if key in new and was is not None and was != new[key]:
+            raise UserError(f"store {path!r} was written with {key}={was!r} but this run has {key}={new[key]!r}; "
+                            f"rerun with {key}={was!r} to continue it, or use a new --out to start over")

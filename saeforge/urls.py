@@ -148,3 +148,32 @@ def free_bytes(path: str | os.PathLike[str]) -> int | None:
     while not os.path.exists(p):
         p = os.path.dirname(p)
     return shutil.disk_usage(p).free
+
+
+def check_output_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Refuse, before any work, an output directory that cannot be created or written."""
+    if not is_local(path):
+        return
+    p = os.path.abspath(local_path(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UserError(f"{flag} {str(path)!r} is an existing file, not a directory; choose another {flag}")
+    probe = p
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {str(path)!r}: {probe!r} is a file, so the directory cannot be created; choose "
+                        f"another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(path)!r}: {probe!r} is not writable; choose a writable {flag}")
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Refuse, before any work, an output file whose place cannot be written (or that is a directory)."""
+    if not is_local(path):
+        return
+    p = os.path.abspath(local_path(path))
+    if os.path.isdir(p):
+        raise UserError(f"{flag} {str(path)!r} is a directory; give a file path")
+    check_output_dir(os.path.dirname(p), flag)
+    if os.path.exists(p) and not os.access(p, os.W_OK):
+        raise UserError(f"{flag} {str(path)!r} is not writable; choose another {flag}")
