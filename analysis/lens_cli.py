@@ -10,7 +10,9 @@ from typing import Sequence
 from analysis.lens import LensResult, encode_prompt, logit_lens
 from analysis.plots import heatmap, short_label, write_csv
 from saeforge.config import option, parse_config, save_config
+from saeforge.devices import check_device
 from saeforge.errors import UserError
+from saeforge.urls import check_output_dir
 from collect.model import ModelDtype, load_model
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ class LensConfig:
             raise UserError("--prompt is required, e.g. --prompt \"The capital of France is\"")
         if self.top < 1:
             raise UserError(f"--top {self.top} must be at least 1")
+        check_output_dir(self.out)
+        check_device(self.device)
 
 
 def format_table(res: LensResult, position: int) -> str:

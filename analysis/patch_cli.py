@@ -9,7 +9,9 @@ from typing import Sequence
 from analysis.patching import METRICS, SITES, PatchResult, activation_patching
 from analysis.plots import heatmap, short_label, write_csv
 from saeforge.config import option, parse_config, save_config
+from saeforge.devices import check_device
 from saeforge.errors import UserError
+from saeforge.urls import check_output_dir
 from collect.model import ModelDtype, load_model
 
 
@@ -37,6 +39,8 @@ class PatchConfig:
                                 "--corrupt \"The Colosseum is in the city of\" --answer \" Paris\" --wrong \" Rome\"")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1")
+        check_output_dir(self.out)
+        check_device(self.device)
 
 
 def _col_labels(res: PatchResult) -> list[str]:

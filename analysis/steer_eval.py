@@ -28,7 +28,6 @@ NEUTRAL = [
     "A triangle has three sides, and the sum of its angles is one hundred and eighty degrees.",
     "The museum opens at nine and closes at five on weekdays.",
 ]
-DEFAULT_TARGETS = " love, happy, great"
 
 
 def read_neutral(path: str | Path | None) -> list[str]:

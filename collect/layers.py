@@ -4,6 +4,10 @@ and resolve hook-point names (`layers.{i}.resid_post`, `embed`, `final_norm`, â€
 Decoder blocks are found by guessing the template `prefix.{num}` shared by the most numbered
 module names (the layer auto-matching method), preferring known ModuleList paths, and checking the
 count against `config.num_hidden_layers`. Attention and MLP are found the same way with a filter.
+
+The template-guessing heuristic (`LAYER_GUESS_RE`, `guess_template`, `matching_layers`) follows
+the layer matching of steering-vectors by David Chanin (MIT licence,
+https://github.com/steering-vectors/steering-vectors, `layer_matching.py`), written anew here.
 """
 from __future__ import annotations
 

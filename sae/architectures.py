@@ -11,7 +11,7 @@ Loss is the fraction of variance unexplained (FVU): Σ‖x̂−x‖² / Σ‖x�
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -36,7 +36,6 @@ class ArchConfig:
     bandwidth: float = 1e-3  # jumprelu: straight-through kernel width
     init_threshold: float = 1e-3  # jumprelu
     threshold_momentum: float = 0.99  # batchtopk: EMA of the smallest selected activation
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

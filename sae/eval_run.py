@@ -20,7 +20,7 @@ from collect.store import Split
 from saeforge.config import config_dict, option
 from saeforge.devices import check_device, torch_device
 from saeforge.errors import UserError
-from saeforge.urls import join, write_json
+from saeforge.urls import check_output_file, join, write_json
 from sae.wandb_log import WandbMode
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class EvalConfig:
         if self.ce_batch_tokens < 1:
             raise UserError(f"--ce-batch-tokens {self.ce_batch_tokens} must be >= 1")
         check_device(self.device)
+        if self.out:
+            check_output_file(self.out)
 
 
 def wandb_run(cfg: dict[str, Any]) -> tuple[str | None, str, str | None]:

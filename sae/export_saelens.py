@@ -11,15 +11,15 @@ at the top level too for SAELens < 6 and other tools that read them.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 
 from saeforge.errors import UserError
-from sae.io import WEIGHTS, read_cfg
+from saeforge.urls import join, makedirs, write_bytes, write_json
+from sae.io import load_sae, read_cfg, sae_tensors
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
@@ -31,23 +31,45 @@ def _hook_layer(hook: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def _saelens_hook(cfg: dict[str, Any], sae_dir: str) -> str:
+    """The module whose output SAELens's AutoModelForCausalLM loader hooks for this SAE's hook point.
+
+    SAELens hooks module outputs of the HF model (untupled) by module name; saeforge's
+    resid_post/attn_out/mlp_out are exactly such outputs, and the store recorded their modules."""
+    hook = str(cfg.get("hook_point") or "")
+    modules = (cfg.get("store_attrs") or {}).get("hook_modules") or {}
+    site = hook.rsplit(".", 1)[-1]
+    if site not in ("resid_post", "attn_out", "mlp_out", "embed") or hook not in modules:
+        raise UserError(f"the SAE in {sae_dir!r} reads {hook!r}, which is not the output of one module of the HF "
+                        f"model, so SAELens cannot hook it; SAELens export supports resid_post, attn_out and "
+                        f"mlp_out hook points (e.g. layers.{{i-1}}.resid_post instead of layers.{{i}}.resid_pre)")
+    return str(modules[hook])
+
+
+def saelens_config(cfg: dict[str, Any], sae_dir: str = "") -> dict[str, Any]:
     arch = SAELENS_ARCH[cfg["architecture"]]
     train_cfg = cfg.get("config", {})
     store_attrs = cfg.get("store_attrs", {}) or {}
+    if "prepend_bos" not in store_attrs:
+        raise UserError(f"{sae_dir!r}/cfg.json does not record whether the store's sequences start with BOS "
+                        f"(saved by an older saeforge); train it again to export it")
+    prepend_bos = bool(store_attrs["prepend_bos"])
+    hook_name = _saelens_hook(cfg, sae_dir)
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-            "model_name": cfg.get("model"), "hook_name": cfg.get("hook_point"), "hook_head_index": None,
-            "prepend_bos": True, "context_size": store_attrs.get("context"),
-            "dataset_path": cfg.get("store"), "model_class_name": "HookedTransformer",
-            "exported_by": "saeforge", "model_hash": cfg.get("model_hash")}
+            "model_name": cfg.get("model"), "hook_name": hook_name, "hook_head_index": None,
+            "prepend_bos": prepend_bos, "context_size": store_attrs.get("context"),
+            "dataset_path": cfg.get("store"), "model_class_name": "AutoModelForCausalLM",
+            "model_from_pretrained_kwargs": {}, "exported_by": "saeforge", "saeforge_hook_point": cfg.get("hook_point"),
+            "model_hash": cfg.get("model_hash"), "model_class": store_attrs.get("model_class")}
     out: dict[str, Any] = {
         "architecture": arch, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": meta,
         # pre-6.0 names, ignored by SAELens 6
-        "model_name": meta["model_name"], "hook_name": meta["hook_name"], "hook_point": meta["hook_name"],
+        "model_name": meta["model_name"], "hook_name": hook_name, "hook_point": hook_name,
         "hook_layer": _hook_layer(cfg.get("hook_point", "")), "hook_head_index": None,
-        "context_size": meta["context_size"], "prepend_bos": True, "dataset_path": cfg.get("store"),
+        "context_size": meta["context_size"], "prepend_bos": prepend_bos, "dataset_path": cfg.get("store"),
+        "model_class_name": "AutoModelForCausalLM",
         "activation_fn": "topk" if arch == "topk" else "relu", "finetuning_scaling_factor": False,
         "sae_lens_training_version": None, "training_tokens": cfg.get("training_tokens"),
         "seed": train_cfg.get("seed"),
@@ -59,17 +81,18 @@ def saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert a saeforge SAE directory into a SAELens folder; returns the folder."""
+def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> str:
+    """Convert a saeforge SAE directory (path or URL) into a SAELens folder (path or URL); returns it."""
     cfg = read_cfg(sae_dir)
     if cfg["architecture"] not in SAELENS_ARCH:
         raise UserError(f"architecture {cfg['architecture']!r} has no SAELens equivalent")
-    t = load_file(str(Path(sae_dir) / WEIGHTS))
-    weights = {k: t[k].float().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    scfg = saelens_config(cfg, str(sae_dir))
+    sae = load_sae(sae_dir)  # checks the weights against cfg.json
+    t = sae_tensors(sae)
+    weights = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if SAELENS_ARCH[cfg["architecture"]] == "jumprelu":
-        weights["threshold"] = t["threshold"].float().contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / SAELENS_WEIGHTS))
-    (out / "cfg.json").write_text(json.dumps(saelens_config(cfg), indent=2, default=str))
-    return out
+        weights["threshold"] = t["threshold"]
+    makedirs(out_dir)
+    write_bytes(join(out_dir, SAELENS_WEIGHTS), safetensors.torch.save(weights))
+    write_json(join(out_dir, "cfg.json"), scfg, indent=2)
+    return str(out_dir)

@@ -10,18 +10,18 @@ Directories may be local paths or fsspec URLs (`file://`, `memory://`, `s3://` w
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import torch
+import safetensors
 import safetensors.torch
-from safetensors.torch import load_file, save_file
+import torch
 
 from saeforge.errors import UserError
-from saeforge.urls import resolve
+from saeforge.urls import (is_dir, is_file, is_local, join, local_path, makedirs, read_bytes, read_json, write_bytes,
+                           write_json)
 from sae.architectures import SAE, ArchConfig, build_sae
 
 WEIGHTS = "sae.safetensors"
@@ -36,57 +36,79 @@ def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
 
 
-def save_sae(sae: SAE, out_dir: str | os.PathLike, scale: float = 1.0, meta: dict[str, Any] | None = None) -> Path:
+def save_sae(sae: SAE, out_dir: str | os.PathLike[str], scale: float = 1.0,
+             meta: dict[str, Any] | None = None) -> Path | str:
     """Write an SAE trained on activations×scale so that the saved one takes raw activations.
 
-    Returns the directory: a Path for a local path or file:// URL, the URL string otherwise."""
+    Both files are written whole (atomically for local paths); the weights first, so a crash
+    never leaves a cfg.json describing weights that are not there. Returns the directory: a Path
+    for a local path or file:// URL, the URL string otherwise."""
     folded = copy.deepcopy(sae).cpu()
     if scale != 1.0:
         folded.fold_input_scale(scale)
-    fs, root = resolve(out_dir)
-    if fs is None:
-        out = Path(root)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(sae_tensors(folded), str(out / (WEIGHTS + ".tmp")))
-        os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
-    else:
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{WEIGHTS}", safetensors.torch.save(sae_tensors(folded)))
+    makedirs(out_dir)
+    write_bytes(join(out_dir, WEIGHTS), safetensors.torch.save(sae_tensors(folded)))
     a = sae.cfg
     cfg = {"architecture": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "k": a.k if a.arch in ("topk", "batchtopk") else None,
            "normalization": {"method": "unit_mean_squared_norm", "scale": scale, "folded_into_weights": True},
            "arch_config": asdict(a), **(meta or {})}
-    text = json.dumps(cfg, indent=2, default=str)
-    if fs is None:
-        (out / CONFIG).write_text(text)
-        return out
-    with fs.open(f"{root}/{CONFIG}", "w") as f:
-        f.write(text)
-    return str(out_dir)  # type: ignore[return-value]
+    write_json(join(out_dir, CONFIG), cfg, indent=2)
+    return Path(local_path(out_dir)) if is_local(out_dir) else str(out_dir)
 
 
-def read_cfg(sae_dir: str | os.PathLike) -> dict[str, Any]:
-    fs, root = resolve(sae_dir)
-    if fs is None:
-        d = Path(root)
-        ok = (d / CONFIG).is_file() and (d / WEIGHTS).is_file()
-    else:
-        ok = fs.isfile(f"{root}/{CONFIG}") and fs.isfile(f"{root}/{WEIGHTS}")
-    if not ok:
-        raise UserError(f"{str(sae_dir)!r} is not an SAE directory (needs {CONFIG} and {WEIGHTS}); "
+def read_cfg(sae_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """cfg.json of an SAE directory, with one clear line for a missing, foreign or damaged one."""
+    if not (is_file(join(sae_dir, CONFIG)) and is_file(join(sae_dir, WEIGHTS))):
+        what = "a file" if is_file(sae_dir) else ("a directory without " + CONFIG + "/" + WEIGHTS if is_dir(sae_dir)
+                                                  else "not found")
+        raise UserError(f"{str(sae_dir)!r} is not an SAE directory ({what}; it needs {CONFIG} and {WEIGHTS}); "
                         f"pass the --out of a finished `saeforge train`")
-    return json.loads((d / CONFIG).read_text() if fs is None else fs.cat_file(f"{root}/{CONFIG}").decode())
+    cfg = read_json(join(sae_dir, CONFIG), what="SAE config")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{str(sae_dir)!r}/{CONFIG} is not a JSON object; the SAE directory is damaged")
+    return cfg
 
 
-def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+def arch_config(cfg: dict[str, Any], sae_dir: str | os.PathLike[str] = "") -> ArchConfig:
+    """The ArchConfig a cfg.json describes, refusing anything it cannot rebuild faithfully."""
+    where = f"{str(sae_dir)!r}/{CONFIG}"
+    raw = cfg.get("arch_config")
+    if raw is None:  # written without arch_config: rebuild from the top-level fields
+        raw = {k: cfg.get(k) for k in ("architecture", "d_in", "d_sae", "k")}
+        raw["arch"] = raw.pop("architecture")
+        if raw.get("k") is None:
+            raw.pop("k")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: arch_config is not a JSON object; the SAE directory is damaged")
+    raw = {k: v for k, v in raw.items() if not (k == "extra" and not v)}  # an always-empty field of saeforge 0.1
+    known = {f.name for f in fields(ArchConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{where} has arch_config fields {unknown} that this saeforge does not know (written by a "
+                        f"newer version?); upgrade saeforge to load it")
+    missing = [k for k in ("arch", "d_in", "d_sae") if raw.get(k) is None]
+    if raw.get("arch") in ("topk", "batchtopk") and not raw.get("k"):
+        missing.append("k")
+    if missing:
+        raise UserError(f"{where} does not record {missing}; the SAE cannot be rebuilt faithfully from it")
+    return ArchConfig(**raw)
+
+
+def load_sae(sae_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE module from a directory written by `save_sae` (eval mode, raw-activation units)."""
     cfg = read_cfg(sae_dir)
-    known = {f.name for f in fields(ArchConfig)}
-    arch = ArchConfig(**{k: v for k, v in cfg.get("arch_config", {}).items() if k in known}) if "arch_config" in cfg \
-        else ArchConfig(arch=cfg["architecture"], d_in=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg.get("k") or 0)
+    arch = arch_config(cfg, sae_dir)
     sae = build_sae(arch)
-    fs, root = resolve(sae_dir)
-    t = load_file(str(Path(root) / WEIGHTS)) if fs is None else safetensors.torch.load(fs.cat_file(f"{root}/{WEIGHTS}"))
+    try:
+        t = safetensors.torch.load(read_bytes(join(sae_dir, WEIGHTS)))
+    except (safetensors.SafetensorError, ValueError, OSError) as e:
+        raise UserError(f"{str(sae_dir)!r}/{WEIGHTS} cannot be read ({e}); it is truncated or damaged: restore it "
+                        f"or train again") from None
+    want = {k: tuple(v.shape) for k, v in sae_tensors(sae).items()}
+    got = {k: tuple(v.shape) for k, v in t.items()}
+    if got != want:
+        raise UserError(f"{str(sae_dir)!r}/{WEIGHTS} holds tensors {got} but {CONFIG} describes {want}; the SAE "
+                        f"directory is inconsistent")
     with torch.no_grad():
         sae.enc.copy_(t["W_enc"].t())
         sae.b_enc.copy_(t["b_enc"])

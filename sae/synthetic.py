@@ -39,7 +39,8 @@ def write_synthetic_store(path: str, n_tokens: int = 16384, d: int = 32, n_featu
     row has keep=False (and a huge norm, so training on it would show)."""
     plan = ShardPlan.for_rows(context, d * 4, shard_rows=shard_rows)
     attrs = {"hook_points": [hook], "d_model": d, "dtype": dtype, "context": context, "model": "synthetic",
-             "model_hash": "synthetic-0", "tokenizer": "none", "corpus": "synthetic", "config": {}}
+             "model_hash": "synthetic-0", "tokenizer": "none", "corpus": "synthetic", "config": {},
+             "prepend_bos": False, "hook_modules": {hook: "model.layers.0"}, "model_class": "synthetic"}
     w = StoreWriter(path, attrs, plan)
     x = synthetic_rows(n_tokens, d, n_features, active, seed=seed) if rows is None else rows
     seq = np.arange(n_tokens) // context

@@ -365,7 +365,8 @@ class Trainer:
                     "lr": m.spec.lr, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
                     "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
                     "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(), "store_attrs": {k: self.store.attrs.get(k) for k in
-                                                                    ("model", "model_hash", "tokenizer", "context", "corpus", "d_model", "dtype")}}
+                                                                    ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
+                                                                     "prepend_bos", "hook_modules")}}
             dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta))
             log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
         return dirs

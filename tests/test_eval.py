@@ -11,7 +11,6 @@ from saeforge.cli import dispatch
 from sae.architectures import ArchConfig, build_sae
 from sae.evaluate import evaluate_rows, evaluate_sae, reconstruction_metrics
 from sae.io import load_sae, save_sae
-from sae.metrics import evaluate_reconstruction
 from sae.synthetic import write_synthetic_store
 
 HOOK0 = "layers.0.resid_post"
@@ -72,11 +71,15 @@ def test_streamed_metrics_equal_brute_force(syn, n, batch):
 def test_agrees_with_trainer_metrics_and_folded_scale(syn):
     x = torch.from_numpy(syn.activations(HOOK0, 0, 2048)[syn.split_mask("train", 0, 2048)])
     sae = _rand_sae(arch="relu", seed=1)
-    cheap = evaluate_reconstruction(sae, x)
+    with torch.no_grad():
+        f = sae.encode(x)
+        err = (sae.decode(f) - x).pow(2).sum()
     full = evaluate_rows(sae, x, batch_rows=100)
-    assert full["fvu"] == pytest.approx(cheap.fvu, rel=1e-5) and full["l0"] == pytest.approx(cheap.l0)
-    assert full["dead_fraction"] == pytest.approx(cheap.dead_fraction)
-    assert full["sq_err_per_token"] == pytest.approx(cheap.mse, rel=1e-5)
+    assert full["fvu"] == pytest.approx(float(err / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
+    assert full["l0"] == pytest.approx(float((f > 0).sum(1).float().mean()))
+    assert full["dead_fraction"] == pytest.approx(float(((f > 0).sum(0) == 0).float().mean()))
+    assert full["sq_err_per_token"] == pytest.approx(float(err / len(x)), rel=1e-5)
+    assert full["mse"] == pytest.approx(float(err / x.numel()), rel=1e-5)  # per element, as the README says
     # the trainer's live SAE takes x·scale; evaluating it with input_scale equals the saved (folded) SAE
     s = 0.37
     live = evaluate_rows(sae, x, input_scale=s)

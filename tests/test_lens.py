@@ -92,3 +92,14 @@ def test_cli_errors(smollm2, monkeypatch):
         lens_cli.main(["--target", " Paris"])
     with pytest.raises(UserError, match="--position 50"):
         lens_cli.main(["--prompt", "Hi there", "--position", "50", "--out", "/nonexistent/never"])
+
+
+def test_cli_refuses_a_file_as_out_before_loading_the_model(tmp_path, monkeypatch):
+    f = tmp_path / "taken"
+    f.write_text("x")
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+    monkeypatch.setattr(lens_cli, "load_model", never)
+    with pytest.raises(UserError, match="is an existing file, not a directory"):
+        lens_cli.main(["--prompt", "Hi there", "--out", str(f)])

@@ -43,7 +43,15 @@ def test_train_to_memory_url_equals_local(store, tmp_path):
     assert read_cfg("memory://saeforge-test/sae")["d_sae"] == 64
     # file:// URLs are local paths
     d = train(_cfg(store, f"file://{tmp_path}/viafile")).out_dirs[0]
-    assert (tmp_path / "viafile" / "sae.safetensors").is_file() and load_sae(d) is not None
+    assert (tmp_path / "viafile" / "sae.safetensors").is_file()
+    for (n, a), (_, b) in zip(load_sae(d).state_dict().items(), local.state_dict().items()):
+        assert torch.equal(a, b), n
+    # `saeforge eval` on the URL writes eval.json beside the SAE on the URL, not a local "memory:/…" path
+    from saeforge.cli import dispatch
+    fs.rm_file("/saeforge-test/sae/eval.json")
+    assert dispatch(["eval", "memory://saeforge-test/sae", "--store", store.path, "--ce-tokens", "0",
+                     "--wandb", "disabled", "--quiet"]) == 0
+    assert json.loads(fs.cat_file("/saeforge-test/sae/eval.json"))["metrics"]["n_rows"] > 0
     fs.rm("/saeforge-test", recursive=True)
 
 
