@@ -1,7 +1,6 @@
 """`saeforge lens`: logit lens over every layer for one prompt → terminal table, CSV, JSON, PNG heatmap."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from analysis.plots import heatmap, short_label, write_csv
 from saeforge.config import option, parse_config, save_config
 from saeforge.devices import check_device
 from saeforge.errors import UserError
-from saeforge.urls import check_output_dir
+from saeforge.urls import check_output_dir, write_json
 from collect.model import ModelDtype, load_model
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def write_outputs(res: LensResult, out: Path, cfg: LensConfig | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "lens.csv", "json": out / "lens.json", "png": out / "lens.png"}
     write_csv(res.rows(), paths["csv"])
-    paths["json"].write_text(json.dumps(res.to_json(), indent=1))
+    write_json(paths["json"], res.to_json())
     cols = [f"{i}:{t}" for i, t in enumerate(res.tokens)]
     top1 = [[res.top_tokens[li][p][0] for p in range(res.n_positions)] for li in range(res.n_layers)]
     if res.target_probs is not None:

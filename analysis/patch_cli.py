@@ -1,7 +1,6 @@
 """`saeforge patch`: activation patching clean → corrupted at every (layer, position) → table, CSV, PNG."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +10,7 @@ from analysis.plots import heatmap, short_label, write_csv
 from saeforge.config import option, parse_config, save_config
 from saeforge.devices import check_device
 from saeforge.errors import UserError
-from saeforge.urls import check_output_dir
+from saeforge.urls import check_output_dir, write_json
 from collect.model import ModelDtype, load_model
 
 
@@ -68,8 +67,7 @@ def write_outputs(res: PatchResult, out: Path, cfg: PatchConfig | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "patch.csv", "json": out / "patch.json", "png": out / "patch.png"}
     write_csv(res.rows(), paths["csv"])
-    paths["json"].write_text(json.dumps({**res.summary(), "scores": res.scores.tolist(), "raw": res.raw.tolist()},
-                                        indent=1))
+    write_json(paths["json"], {**res.summary(), "scores": res.scores.tolist(), "raw": res.raw.tolist()})
     heatmap(res.scores, paths["png"], row_labels=[str(i) for i in res.layers], col_labels=_col_labels(res),
             title=f"activation patching ({res.site}, {res.metric}): {res.answer!r} vs {res.wrong!r}",
             cbar_label="recovered (0 = corrupted, 1 = clean)", cmap="RdBu", center=0.0,

@@ -17,7 +17,7 @@ def short_label(text: str, width: int = 10) -> str:
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     """One CSV row per dict; the first row's keys are the header."""
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

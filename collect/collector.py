@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import saeforge
-from saeforge.config import config_dict, option
+from saeforge.config import check_choices, config_dict, option
 from saeforge.devices import check_device
 from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
 from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
@@ -64,6 +64,7 @@ class CollectConfig:
     quiet: bool = option(False, "no progress bar")
 
     def validate(self) -> None:
+        check_choices(self)
         if self.context < 2:
             raise UserError(f"--context {self.context} is too small; use at least 2 (e.g. 128)")
         if self.batch_size < 1:

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 StorageDtype = Literal["float16", "float32", "bfloat16"]
 STORAGE_DTYPES: tuple[str, ...] = typing.get_args(StorageDtype)
-Split = Literal["heldout", "train", "all"]  # which keep rows a reader takes
+Split = Literal["heldout", "train", "all"]  # which rows a reader takes
+SPLITS: tuple[str, ...] = typing.get_args(Split)
 ROW_ARRAYS = {"tokens": "int32", "seq": "int64", "pos": "int32", "keep": "bool", "heldout": "bool"}
 # attributes that must match for a run to continue an existing store
 RESUME_KEYS = ("format_version", "model_hash", "hook_points", "d_model", "dtype", "context", "corpus",
@@ -225,17 +226,21 @@ class Store:
     def heldout(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("heldout", start, stop)
 
-    def split_mask(self, split: Split, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """keep rows of one split: 'train' (not held out), 'heldout', or 'all'."""
-        keep = self.keep(start, stop)
+    def in_split(self, split: Split, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows of one split, keep or not: 'train' (not held out), 'heldout', or 'all'."""
         if split == "all":
-            return keep
+            a, b = self._range(start, stop)
+            return np.ones(b - a, dtype=bool)
         held = self.heldout(start, stop)
-        if split == "train":
-            return keep & ~held
         if split == "heldout":
-            return keep & held
-        raise UserError(f"unknown split {split!r}; use train, heldout or all")
+            return held
+        if split == "train":
+            return ~held
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+
+    def split_mask(self, split: Split, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """keep rows of one split (what training and evaluation read)."""
+        return self.keep(start, stop) & self.in_split(split, start, stop)
 
 
 @dataclass
@@ -265,7 +270,7 @@ class StoreWriter:
         self.hooks: list[str] = list(attrs["hook_points"])
         d, dtype = int(attrs["d_model"]), attrs["dtype"]
         old = _existing_attrs(path)
-        if old is not None and int(old.get("n_tokens", 0)) > 0:
+        if old is not None and (int(old.get("n_tokens", 0)) > 0 or old.get("parts")):
             _check_resume(path, old, attrs)
             self.group = _open_group(path, "r+")
             self.n_committed = int(old["n_tokens"])

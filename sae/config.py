@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from saeforge.config import option
+from saeforge.config import check_choices, option
 from saeforge.devices import check_device
 from saeforge.errors import UserError
 from sae.wandb_log import WandbMode
@@ -58,6 +58,7 @@ class TrainConfig:
     eval_ce_tokens: int = option(0, "tokens for the final CE/KL evaluation with the SAE spliced in (0: skip; loads the model)")
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.store:
             raise UserError("no store given; pass --store PATH.zarr (written by `saeforge collect`)")
         if not self.arch or not self.k or not self.expansion:

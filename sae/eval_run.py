@@ -17,7 +17,7 @@ from typing import Any
 
 import saeforge
 from collect.store import Split
-from saeforge.config import config_dict, option
+from saeforge.config import check_choices, config_dict, option
 from saeforge.devices import check_device, torch_device
 from saeforge.errors import UserError
 from saeforge.urls import check_output_file, join, write_json
@@ -41,6 +41,7 @@ class EvalConfig:
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.sae:
             raise UserError("give the SAE directory: saeforge eval SAE_DIR [--store STORE.zarr]")
         if self.tokens < 0 or self.ce_tokens < 0:

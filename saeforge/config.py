@@ -259,6 +259,20 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, section: str, prog: s
     return cfg, ns
 
 
+def check_choices(cfg: Any) -> None:
+    """Check a config built in code (not parsed) the way the parser would: types with fixed
+    choices (Literal, option(choices=…)) must hold one of them. Configs call it from validate()."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in _fields(type(cfg)):
+        choices = _choices(hints[f.name], f)
+        value = getattr(cfg, f.name)
+        if choices is None or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in choices:
+                raise UserError(f"{_flag(f.name)} {v!r} is not known; use one of {', '.join(map(str, choices))}")
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain JSON-able values."""
     return dataclasses.asdict(cfg)
