@@ -57,7 +57,7 @@ def unembedder(model: torch.nn.Module, layout: Layout | None = None) -> Callable
     norm = model.get_submodule(lay.final_norm) if lay.final_norm else None
     if norm is None:
         log.warning("no final norm found in %s; the lens reads the raw residual stream", type(model).__name__)
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]  # HF PreTrainedModel method
     if head is None:
         raise UserError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None); "
                         "the logit lens needs a causal LM with an unembedding")

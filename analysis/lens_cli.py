@@ -77,7 +77,7 @@ def write_outputs(res: LensResult, out: Path, cfg: LensConfig | None = None) -> 
                 col_labels=cols, title="logit lens: top-1 token after each layer", cbar_label="p(top-1)",
                 vmin=0.0, vmax=1.0, annotations=top1)
     if cfg is not None:
-        paths["config"] = save_config(cfg, out)
+        paths["config"] = Path(save_config(cfg, out))
     return paths
 
 

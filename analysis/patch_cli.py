@@ -73,7 +73,7 @@ def write_outputs(res: PatchResult, out: Path, cfg: PatchConfig | None = None) -
             cbar_label="recovered (0 = corrupted, 1 = clean)", cmap="RdBu", center=0.0,
             annotations=[[f"{float(v):.2f}" for v in row] for row in res.scores])
     if cfg is not None:
-        paths["config"] = save_config(cfg, out)
+        paths["config"] = Path(save_config(cfg, out))
     return paths
 
 

@@ -196,7 +196,7 @@ def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -
     layout = discover_layout(model)
     points = parse_hook_points(layout, cfg.hooks)
     names = [p.name for p in points]
-    d_model = int(model.get_input_embeddings().weight.shape[1])
+    d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]  # HF method
     docs = load_documents(cfg.corpus, cfg.text_field)
     special_ids = sorted(set(getattr(tok, "all_special_ids", []) or []))
     row_bytes = d_model * np.dtype(storage_np_dtype(cfg.dtype)).itemsize * len(names) + META_BYTES_PER_ROW

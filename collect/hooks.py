@@ -49,7 +49,7 @@ def _layout(model: torch.nn.Module, layout: Layout | None) -> Layout:
     cached = getattr(model, "_saeforge_layout", None)
     if cached is None:
         cached = discover_layout(model)
-        model._saeforge_layout = cached  # type: ignore[attr-defined]
+        setattr(model, "_saeforge_layout", cached)
     return cached
 
 
@@ -108,7 +108,7 @@ def capture(model: torch.nn.Module, points: Sequence[str] | str, *, stop: bool =
     With stop=True the forward raises StopForward right after the deepest point is read; use
     `forward_to`, which catches it. Each forward overwrites the previous entries."""
     lay = _layout(model, layout)
-    resolved = parse_hook_points(lay, points)
+    resolved = parse_hook_points(lay, points if isinstance(points, str) else list(points))
     deepest = max(resolved, key=_stop_order_key)
     acts: dict[str, torch.Tensor] = {}
 

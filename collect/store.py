@@ -71,7 +71,7 @@ def store_exists(path: str) -> bool:
     return bool(fs.exists(root.rstrip("/") + "/zarr.json"))
 
 
-def _open_group(path: str, mode: str) -> zarr.Group:
+def _open_group(path: str, mode: Literal["r", "r+", "a", "w", "w-"]) -> zarr.Group:
     try:
         return zarr.open_group(zarr_target(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -82,6 +82,21 @@ def _open_group(path: str, mode: str) -> zarr.Group:
     except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"store {path!r}: its zarr.json is damaged ({type(e).__name__}: {e}); restore it or "
                         f"collect the store again") from None
+
+
+def _member_array(group: zarr.Group, name: str) -> zarr.Array:
+    """group[name], which must be an array (a KeyError when it is missing)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise UserError(f"{name!r} in store {group.store} is not an array; the store is damaged")
+    return node
+
+
+def _member_group(group: zarr.Group, name: str) -> zarr.Group:
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise UserError(f"{name!r} in store {group.store} is not a group; the store is damaged")
+    return node
 
 
 def _not_a_store(path: str) -> UserError:
@@ -117,11 +132,11 @@ class Store:
                             f"saeforge; collect it again")
         names = self.attrs.get("parts") or []
         if names:  # committed rows of each part, read from the part's own attributes
-            self._parts = [group[name] for name in names]
-            counts = [int(p.attrs.get("n_tokens", 0)) for p in self._parts]
+            self._parts = [_member_group(group, name) for name in names]
+            counts = [int(typing.cast(int, p.attrs.get("n_tokens", 0))) for p in self._parts]
         else:
             self._parts = [group]
-            counts = [int(self.attrs["n_tokens"])]
+            counts = [int(typing.cast(int, self.attrs["n_tokens"]))]
         self.part_offsets: list[int] = [int(x) for x in np.cumsum([0, *counts])]
         self.attrs["n_tokens"] = self.part_offsets[-1]
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
@@ -170,7 +185,7 @@ class Store:
     def _array(self, part: int, name: str) -> zarr.Array:
         arr = self._arrays.get((part, name))
         if arr is None:
-            arr = self._arrays[(part, name)] = self._parts[part][name]
+            arr = self._arrays[(part, name)] = _member_array(self._parts[part], name)
         return arr
 
     def _read(self, name: str, start: int, stop: int | None) -> np.ndarray:
@@ -178,10 +193,10 @@ class Store:
         pieces = self._pieces(start, stop)
         if len(pieces) == 1:
             i, a, b = pieces[0]
-            return self._array(i, name)[a:b]
+            return np.asarray(self._array(i, name)[a:b])
         if not pieces:
-            return self._array(0, name)[0:0]
-        return np.concatenate([self._array(i, name)[a:b] for i, a, b in pieces])
+            return np.asarray(self._array(0, name)[0:0])
+        return np.concatenate([np.asarray(self._array(i, name)[a:b]) for i, a, b in pieces])
 
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         """Chunk-aligned [a, b) ranges covering [start, stop): reading these is the fast path."""
@@ -318,7 +333,8 @@ class StoreWriter:
         self.update_attrs(n_tokens=keep, complete=False)
 
     def _arrays(self) -> list[zarr.Array]:
-        return [self.group[f"activations/{h}"] for h in self.hooks] + [self.group[n] for n in ROW_ARRAYS]
+        return [_member_array(self.group, f"activations/{h}") for h in self.hooks] + \
+            [_member_array(self.group, n) for n in ROW_ARRAYS]
 
     def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
         """Write rows [start, start+n) of every array and commit them. `start` must be the
@@ -330,11 +346,11 @@ class StoreWriter:
         end = start + n
         try:
             for hook in self.hooks:
-                arr = self.group[f"activations/{hook}"]
+                arr = _member_array(self.group, f"activations/{hook}")
                 arr.resize((end, arr.shape[1]))
                 arr[start:end] = rows[hook][:n]
             for name in ROW_ARRAYS:
-                arr = self.group[name]
+                arr = _member_array(self.group, name)
                 arr.resize((end,))
                 arr[start:end] = rows[name][:n]
             self.group.update_attributes({"n_tokens": end})
@@ -391,7 +407,7 @@ class PartsRoot:
         out = []
         for name in self.parts:
             p = join(self.path, name)
-            a = dict(_open_group(p, "r").attrs) if store_exists(p) else {}
+            a: dict[str, Any] = dict(_open_group(p, "r").attrs) if store_exists(p) else {}
             out.append((int(a.get("n_tokens", 0)), bool(a.get("complete", False))))
         return out
 

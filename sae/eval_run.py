@@ -55,13 +55,13 @@ class EvalConfig:
 
 def wandb_run(cfg: dict[str, Any]) -> tuple[str | None, str, str | None]:
     """(run id, project, dir) recorded in cfg.json by the trainer, if any."""
-    w = cfg.get("wandb") if isinstance(cfg.get("wandb"), dict) else {}
+    w: dict[str, Any] = cfg["wandb"] if isinstance(cfg.get("wandb"), dict) else {}
     run_id = cfg.get("wandb_run_id") or w.get("run_id")
     project = cfg.get("wandb_project") or w.get("project") or (cfg.get("config") or {}).get("wandb_project") or "saeforge"
     return run_id, project, cfg.get("wandb_dir") or w.get("dir")
 
 
-def log_to_wandb(metrics: dict[str, Any], cfg: dict[str, Any], mode: str) -> str | None:
+def log_to_wandb(metrics: dict[str, Any], cfg: dict[str, Any], mode: WandbMode) -> str | None:
     """Resume the SAE's run and put the metrics in its summary (eval/…) and history; returns the id."""
     run_id, project, directory = wandb_run(cfg)
     if mode == "disabled" or not run_id:

@@ -55,7 +55,7 @@ def saelens_config(cfg: dict[str, Any], sae_dir: str = "") -> dict[str, Any]:
                         f"(saved by an older saeforge); train it again to export it")
     prepend_bos = bool(store_attrs["prepend_bos"])
     hook_name = _saelens_hook(cfg, sae_dir)
-    meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
+    meta: dict[str, Any] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
             "model_name": cfg.get("model"), "hook_name": hook_name, "hook_head_index": None,
             "prepend_bos": prepend_bos, "context_size": store_attrs.get("context"),
             "dataset_path": cfg.get("store"), "model_class_name": "AutoModelForCausalLM",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ CONFIG = "cfg.json"
 
 def sae_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     """The file-format tensors (W_enc as [d_in, d_sae])."""
-    t = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    t: dict[str, torch.Tensor] = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.saves_threshold:
-        t["threshold"] = sae.threshold
+        t["threshold"] = typing.cast(torch.Tensor, sae.threshold)
     return {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
 
 
@@ -116,9 +117,9 @@ def load_sae(sae_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
         sae.b_dec.copy_(t["b_dec"])
         if sae.saves_threshold:
             if arch.arch == "jumprelu":
-                sae.log_threshold.copy_(t["threshold"].clamp_min(1e-30).log())
+                typing.cast(torch.Tensor, sae.log_threshold).copy_(t["threshold"].clamp_min(1e-30).log())
             else:
-                sae.threshold.copy_(t["threshold"])
+                typing.cast(torch.Tensor, sae.threshold).copy_(t["threshold"])
     return sae.to(device).eval()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from saeforge.errors import UserError
-from collect.store import Store
+from collect.store import Split, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ShuffledLoader:
     each global batch) starting at global row `position`."""
 
     def __init__(self, store: Store, hook: str, batch_size: int, seed: int = 0, position: int = 0,
-                 buffer_rows: int = 1 << 17, split: str = "train", check_finite: bool = True,
+                 buffer_rows: int = 1 << 17, split: Split = "train", check_finite: bool = True,
                  rank: int = 0, world: int = 1):
         if hook not in store.hooks:
             raise UserError(f"hook point {hook!r} is not in store {store.path!r}; it holds {store.hooks}; "
@@ -156,7 +156,7 @@ class ShuffledLoader:
             stop.set()
 
 
-def sample_rows(store: Store, hook: str, n: int, seed: int = 0, split: str = "train") -> np.ndarray:
+def sample_rows(store: Store, hook: str, n: int, seed: int = 0, split: Split = "train") -> np.ndarray:
     """Up to n rows of a split from randomly chosen whole chunks (for scale and b_dec estimates)."""
     chunks = store.chunk_ranges()
     out, have = [], 0

@@ -15,7 +15,7 @@ WandbMode = Literal["online", "offline", "disabled"]
 class RunLogger:
     """Thin wrapper so `--wandb disabled` never imports wandb and the trainer has one call site."""
 
-    def __init__(self, mode: str, project: str, config: dict[str, Any], name: str | None = None,
+    def __init__(self, mode: WandbMode, project: str, config: dict[str, Any], name: str | None = None,
                  run_id: str | None = None, directory: str | None = None):
         self.mode = mode
         self.run = None
@@ -36,7 +36,7 @@ class RunLogger:
 
     def histogram(self, key: str, values: np.ndarray, step: int) -> None:
         if self.run is not None:
-            self.run.log({key: self._wandb.Histogram(values)}, step=step)
+            self.run.log({key: self._wandb.Histogram(values.tolist())}, step=step)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import re
 
+from typing import TYPE_CHECKING
+
 from saeforge.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -15,7 +20,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def torch_device(device: str) -> "torch.device":  # noqa: F821 - torch is imported lazily
+def torch_device(device: str) -> "torch.device":
     """The torch.device for `device`, refusing a CUDA/MPS device this machine does not have."""
     import torch
     check_device(device)
