@@ -1,16 +1,16 @@
 """The `saeforge train` config: one dataclass, TOML section [train] < command-line flags.
 
 A sweep is written with list values (`--k 16,32 --expansion 8,16`, or `k = [16, 32]` in TOML):
-every combination of arch × k × expansion × lr is trained from one pass over the data.
+every combination of arch × k × expansion × optimizer × lr is trained from one pass over the data.
 """
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 
 from saeforge.errors import UserError
 from sae.architectures import ARCHITECTURES, ArchConfig
+from sae.optim import OPTIMIZERS, OptimizerName, default_lr
 
 WANDB_MODES = ("online", "offline", "disabled")
 # fields that may change between an interrupted run and its --resume (they do not affect weights)
@@ -33,7 +33,9 @@ class TrainConfig:
     arch: list[str] = _f(["topk"], f"architecture(s): {', '.join(ARCHITECTURES)}")
     k: list[int] = _f([32], "active latents per token (topk, batchtopk); a list makes a sweep")
     expansion: list[int] = _f([8], "d_sae = expansion × d_in; a list makes a sweep")
-    lr: list[float] = _f([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
+    optimizer: list[OptimizerName] = _f(["signum-schedulefree"], f"optimizer(s): {', '.join(OPTIMIZERS)}")
+    lr: list[float] = _f([], "learning rate(s); default per optimizer: base/sqrt(d_sae/16384) (sae/optim.py)")
+    momentum: float = _f(0.95, "signum-schedulefree: schedule-free interpolation momentum β")
     tokens: int = _f(2_000_000, "training tokens")
     batch_size: int = _f(4096, "tokens per step")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -45,8 +47,10 @@ class TrainConfig:
     wandb_project: str = _f("saeforge", "wandb project")
     checkpoint_every: int = _f(1_000_000, "tokens between checkpoints (0: only on interrupt)")
     dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
-    warmup_steps: int = _f(1000, "linear lr warm-up steps (capped at a tenth of the run)")
-    decay_fraction: float = _f(0.2, "linear lr decay to 0 over this final fraction of steps")
+    warmup_steps: int | None = _f(None, "linear lr warm-up steps, capped at a tenth of the run "
+                                  "(default: 1000 for adam, 0 for schedule-free)")
+    decay_fraction: float | None = _f(None, "linear lr decay to 0 over this final fraction of steps "
+                                      "(default: 0.2 for adam, 0 for schedule-free)")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     aux_k: int = _f(0, "AuxK latents (0: d_in/2)")
     aux_coef: float = _f(1 / 32, "AuxK loss coefficient")
@@ -54,6 +58,7 @@ class TrainConfig:
     l0_coef: float = _f(1e-3, "jumprelu: L0 coefficient")
     scale_sample: int = _f(65536, "rows used to estimate the input scale and b_dec")
     init_b_dec: str = _f("median", "b_dec initialisation: median (geometric) or mean")
+    init_enc_scale: float = _f(1.0, "encoder rows start at this × their (unit-norm) decoder rows")
     buffer_rows: int = _f(1 << 17, "rows in the in-RAM shuffle buffer")
     log_every: int = _f(10, "steps between wandb metric logs")
     eval_every: int = _f(200, "steps between held-out evaluations and latent-density histograms")
@@ -72,6 +77,13 @@ class TrainConfig:
             for v in getattr(self, name):
                 if v < 1:
                     raise UserError(f"--{name} {v} must be a positive integer")
+        for o in self.optimizer:
+            if o not in OPTIMIZERS:
+                raise UserError(f"--optimizer {o!r} is unknown; choose from {', '.join(OPTIMIZERS)}")
+        if not self.optimizer:
+            raise UserError("--optimizer needs at least one value")
+        if not 0 < self.momentum < 1:
+            raise UserError(f"--momentum {self.momentum} must be in (0, 1), e.g. 0.95")
         for v in self.lr:
             if not 0 < v < 1:
                 raise UserError(f"--lr {v} is out of range; use e.g. 2e-4")
@@ -83,7 +95,7 @@ class TrainConfig:
             raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
         if self.wandb not in WANDB_MODES:
             raise UserError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
-        if not 0 <= self.decay_fraction <= 1:
+        if self.decay_fraction is not None and not 0 <= self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
         if self.init_b_dec not in ("median", "mean"):
             raise UserError(f"--init-b-dec {self.init_b_dec!r}: use median or mean")
@@ -101,32 +113,26 @@ class SweepMember:
     name: str
     arch: ArchConfig
     lr: float
-
-
-def default_lr(d_sae: int) -> float:
-    """3× sparsify's rule (2e-4 / sqrt(d_sae / 2^14)).
-
-    sparsify's encoder starts at nn.Linear scale (column norm ≈ 0.58) while ours starts at
-    W_decᵀ (norm 1), so the same Adam step moves ours relatively less. On the quickstart store
-    (SmolLM2 layer 15, k 32, 8×, 1M tokens) 1×/2×/3× that rule gave held-out FVU 0.245/0.195/0.175."""
-    return 6e-4 / math.sqrt(d_sae / 16384)
+    optimizer: str = "adam"
 
 
 def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
-    """Every distinct arch × k × expansion × lr combination (k is ignored for relu/jumprelu)."""
+    """Every distinct arch × k × expansion × optimizer × lr combination (k is ignored for relu/jumprelu)."""
     out: list[SweepMember] = []
     seen: set[tuple] = set()
     lrs: list[float | None] = list(cfg.lr) or [None]
-    for arch, k, exp, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, lrs):
+    opts = list(dict.fromkeys(cfg.optimizer))
+    for arch, k, exp, opt, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, opts, lrs):
         uses_k = arch in ("topk", "batchtopk")
-        key = (arch, k if uses_k else None, exp, lr)
+        key = (arch, k if uses_k else None, exp, opt, lr)
         if key in seen:
             continue
         seen.add(key)
         d_sae = exp * d_in
         a = ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if uses_k else 0, aux_k=cfg.aux_k or d_in // 2,
                        aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
-        real_lr = default_lr(d_sae) if lr is None else lr
-        name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if len(lrs) > 1 else "")
-        out.append(SweepMember(name, a, real_lr))
+        real_lr = default_lr(opt, d_sae) if lr is None else lr
+        name = (f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_{opt}" if len(opts) > 1 else "")
+                + (f"_lr{lr:g}" if len(lrs) > 1 else ""))
+        out.append(SweepMember(name, a, real_lr, opt))
     return out

@@ -98,7 +98,7 @@ def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
     out = tmp_path / "cut"
     mp.spawn(_worker, args=(_free_port(), store.path, str(out), 7), nprocs=2, join=True)
     assert (out / "checkpoint.pt").is_file() and not (out / "topk_k3_x4").exists()
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 7
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 7
     mp.spawn(_worker, args=(_free_port(), store.path, str(out), 0), nprocs=2, join=True)
     assert not (out / "checkpoint.pt").exists()
     _same(single, out)

@@ -12,6 +12,7 @@ from sae.architectures import ArchConfig, build_sae
 from sae.config import TrainConfig
 from sae.init import unit_norm_scale
 from sae.io import load_sae, save_sae
+from sae.optim import OPTIMIZERS
 from sae.synthetic import synthetic_rows, write_synthetic_store
 from sae.trainer import Trainer, train
 
@@ -48,6 +49,14 @@ def test_each_arch_learns(store, tmp_path, arch, extra):
     assert sae.cfg.arch == arch
     if sae.unit_norm_decoder:
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
+
+
+def test_each_optimizer_learns_at_its_default_lr(store, tmp_path):
+    """One pass trains a member per optimizer; each beats the mean predictor on held-out rows."""
+    res = train(_cfg(store, tmp_path / "opt", optimizer=list(OPTIMIZERS), lr=[], tokens=256 * 120))
+    assert sorted(res.metrics) == sorted(f"topk_k3_x4_{o}" for o in OPTIMIZERS)
+    for name, m in res.metrics.items():
+        assert m["heldout_fvu"] < 0.5, (name, m)  # the mean predictor scores 1.0
 
 
 def test_sweep_trains_every_member_in_one_pass(store, tmp_path):
@@ -124,8 +133,10 @@ def test_auxk_revives_dead_latents():
 
 
 def test_resume_is_exact(store, tmp_path):
-    """SIGINT mid-run checkpoints; --resume ends with the same weights as an uninterrupted run."""
-    kw = dict(tokens=256 * 30, checkpoint_every=256 * 7, dead_tokens=256 * 3, eval_every=10)
+    """SIGINT mid-run checkpoints; --resume ends with the same weights as an uninterrupted run, for every
+    optimizer (schedule-free ones checkpoint both weight sequences and their averaging weights)."""
+    kw = dict(tokens=256 * 30, checkpoint_every=256 * 7, dead_tokens=256 * 3, eval_every=10,
+              optimizer=list(OPTIMIZERS), lr=[])
     train(_cfg(store, tmp_path / "full", **kw))
 
     def interrupt(t):
@@ -134,17 +145,39 @@ def test_resume_is_exact(store, tmp_path):
 
     res = train(_cfg(store, tmp_path / "cut", **kw), on_step=interrupt)
     assert res.interrupted and (tmp_path / "cut" / "checkpoint.pt").is_file()
-    assert not (tmp_path / "cut" / "sae.safetensors").exists()
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all("z" in st for m in ck["members"][1:] for st in m["opt"]["state"].values())  # schedule-free
+    assert not list((tmp_path / "cut").glob("*/sae.safetensors"))
     with pytest.raises(UserError, match="--resume"):
         train(_cfg(store, tmp_path / "cut", **kw))
     with pytest.raises(UserError, match="changed config.*k"):
         train(_cfg(store, tmp_path / "cut", resume=True, **{**kw, "k": [5]}))
     res = train(_cfg(store, tmp_path / "cut", resume=True, **kw))
     assert not res.interrupted and res.tokens == 256 * 30
-    a, b = load_file(tmp_path / "full" / "sae.safetensors"), load_file(tmp_path / "cut" / "sae.safetensors")
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    for opt in OPTIMIZERS:
+        sub = f"topk_k3_x4_{opt}"
+        a, b = load_file(tmp_path / "full" / sub / "sae.safetensors"), load_file(tmp_path / "cut" / sub / "sae.safetensors")
+        for name in a:
+            assert torch.equal(a[name], b[name]), (opt, name, float((a[name] - b[name]).abs().max()))
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+def test_crafted_checkpoint_is_refused_without_running_code(store, tmp_path):
+    """A checkpoint.pt whose pickle would run code (issue 12) is refused with one line on --resume."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"version": 1, "members": [Payload()]}, evil / "checkpoint.pt")
+    with pytest.raises(UserError, match="checkpoint.pt.*not a saeforge checkpoint") as e:
+        train(_cfg(store, evil, resume=True))
+    assert "\n" not in str(e.value) and not marker.exists()
+    torch.load(evil / "checkpoint.pt", weights_only=False)  # the payload is live: unrestricted loading runs it
+    assert marker.exists()
 
 
 def test_cfg_json_records_provenance(store, tmp_path):
