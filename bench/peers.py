@@ -9,7 +9,7 @@
   DenseAdam         a plain PyTorch TopK SAE: dense encoder, topk, dense decoder, autograd, Adam at a
                     constant lr on unit-mean-square inputs (what a first implementation looks like).
 
-Both expose `step(x_raw)` and `encoder_decoder()` → (encode, decode) on raw rows for evaluation.
+Both expose `step(x_raw)` and `encoder_decoder()` → (encode, W_dec, b_dec) in raw units for evaluation.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-EncDec = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+# (raw rows -> dense latents, W_dec [d_sae, d_in], b_dec): x̂ = latents @ W_dec + b_dec in raw units
+EncDec = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]
 
 
 def sparsify_available() -> bool:
@@ -45,14 +46,15 @@ class SparsifyDefaults:
         self.opt.train()
         self.first = True
 
-    def step(self, x: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, auxk_alpha: float = 1 / 32) -> None:
+        """One step of sparsify.trainer's loop; `dead_mask` only to time its AuxK path (off by default)."""
         sc = self.sc
         if self.first:  # sparsify.trainer: on the first step b_dec = mean of the batch
             sc.b_dec.data = x.mean(0)
             self.first = False
         sc.set_decoder_norm_to_unit_norm()
-        out = sc(x, dead_mask=None)  # auxk_alpha defaults to 0: no dead mask, no AuxK
-        out.fvu.backward()
+        out = sc(x, dead_mask=dead_mask)  # auxk_alpha defaults to 0: no dead mask, no AuxK
+        (out.fvu + auxk_alpha * out.auxk_loss if dead_mask is not None else out.fvu).backward()
         sc.remove_gradient_parallel_to_decoder_directions()
         self.opt.step()
         self.opt.zero_grad()
@@ -68,7 +70,7 @@ class SparsifyDefaults:
             acts, idx, _ = sc.encode(x)
             return torch.zeros(x.shape[0], sc.num_latents).scatter_(1, idx, acts)
 
-        return enc, lambda f: f @ sc.W_dec + sc.b_dec
+        return enc, sc.W_dec.detach(), sc.b_dec.detach()
 
 
 class DenseAdam:
@@ -105,7 +107,7 @@ class DenseAdam:
             with torch.no_grad():
                 return self._encode(x * s)
 
-        return enc, lambda f: (f @ self.W_dec + self.b_dec).detach() / s
+        return enc, self.W_dec.detach() / s, self.b_dec.detach() / s
 
 
 def dense_adam_lr(d_sae: int) -> float:

@@ -38,15 +38,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
+from bench.peers import DenseAdam, SparsifyDefaults, dense_adam_lr, sparsify_available  # noqa: E402
 from collect.store import Store  # noqa: E402
-from peers import DenseAdam, SparsifyDefaults, dense_adam_lr, sparsify_available  # noqa: E402
-from saeforge.config import build_config  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
 from sae.io import load_sae, save_sae  # noqa: E402
 from sae.loader import ShuffledLoader  # noqa: E402
 from sae.trainer import Trainer  # noqa: E402
+from saeforge.config import build_config  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 HOOK = "layers.15.resid_post"
@@ -80,17 +79,21 @@ def eval_rows(store: Store, hook: str, n: int) -> np.ndarray:
 
 # ---- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(enc: Callable[[torch.Tensor], torch.Tensor], dec: Callable[[torch.Tensor], torch.Tensor],
+def evaluate(enc: Callable[[torch.Tensor], torch.Tensor], W_dec: torch.Tensor, b_dec: torch.Tensor,
              x: torch.Tensor, bulk: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
-    """FVU over bulk and all rows (each about its own mean), L0 over all rows, dead latent fraction."""
+    """FVU over bulk and all rows (each about its own mean), L0 over all rows, dead latent fraction.
+
+    `enc` gives dense raw-unit latents; x̂ = f·W_dec + b_dec, decoded sparsely (topk SAEs)."""
     sq = torch.zeros(len(x), dtype=torch.float64)
     l0 = 0.0
     fired: torch.Tensor | None = None
     for s in range(0, len(x), chunk):
         xb = x[s:s + chunk]
         f = enc(xb)
-        sq[s:s + chunk] = (dec(f) - xb).double().pow(2).sum(1)
         act = f > 0
+        vals, idx = f.topk(int(act.sum(1).max()), dim=1, sorted=False)
+        recon = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
+        sq[s:s + chunk] = (recon - xb).double().pow(2).sum(1)
         l0 += float(act.sum())
         fired = act.any(0) if fired is None else fired | act.any(0)
     assert fired is not None
@@ -122,12 +125,12 @@ class Saeforge:
     def step(self, x: torch.Tensor) -> None:
         self.tr.train_step(x * self.tr.scale)
 
-    def encoder_decoder(self) -> tuple[Callable, Callable]:
+    def encoder_decoder(self) -> tuple[Callable, torch.Tensor, torch.Tensor]:
         m = self.tr.members[0]
         with m.opt.inference_weights():
             save_sae(m.sae, self.tmp / f"{self.name}_saved", scale=self.tr.scale)
         sae = load_sae(self.tmp / f"{self.name}_saved")
-        return sae.encode, sae.decode
+        return sae.encode, sae.W_dec.detach(), sae.b_dec.detach()
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -175,7 +178,8 @@ def side_by_side(store: Store, tokens: int, a: argparse.Namespace, x_eval: torch
             print(f"  … step {s + 1}/{steps}", flush=True)
     rows = []
     for t in trainers:
-        r = evaluate(*t.encoder_decoder(), x_eval, bulk)
+        with torch.no_grad():
+            r = evaluate(*t.encoder_decoder(), x_eval, bulk)
         rows.append({"tokens": tokens, "trainer": t.name, **r, "tok_s": steps * a.batch_size / secs[t.name]})
     return rows
 
@@ -193,7 +197,7 @@ def run_cli(store: Store, tokens: int, a: argparse.Namespace, x_eval: torch.Tens
         raise RuntimeError(f"saeforge train failed:\n{p.stderr[-3000:]}")
     rate = re.search(r"tokens at ([\d,]+) tokens/s", p.stdout)
     sae = load_sae(out)
-    r = evaluate(sae.encode, sae.decode, x_eval, bulk)
+    r = evaluate(sae.encode, sae.W_dec.detach(), sae.b_dec.detach(), x_eval, bulk)
     return {"tokens": tokens, "trainer": "cli", **r, "tok_s": float(rate.group(1).replace(",", "")) if rate else
             float("nan")}
 

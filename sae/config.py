@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal
 
-from saeforge.errors import UserError
 from sae.architectures import ARCHITECTURES, ArchConfig
 from sae.optim import OPTIMIZERS, OptimizerName, default_lr
+from saeforge.errors import UserError
 
 WANDB_MODES = ("online", "offline", "disabled")
 # fields that may change between an interrupted run and its --resume (they do not affect weights)
@@ -36,6 +37,7 @@ class TrainConfig:
     optimizer: list[OptimizerName] = _f(["signum-schedulefree"], f"optimizer(s): {', '.join(OPTIMIZERS)}")
     lr: list[float] = _f([], "learning rate(s); default per optimizer: base/sqrt(d_sae/16384) (sae/optim.py)")
     momentum: float = _f(0.95, "signum-schedulefree: schedule-free interpolation momentum β")
+    bias_lr_scale: float = _f(1.0, "lr of b_enc and b_dec = this × --lr")
     tokens: int = _f(2_000_000, "training tokens")
     batch_size: int = _f(4096, "tokens per step")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -57,7 +59,7 @@ class TrainConfig:
     l1_coef: float = _f(5.0, "relu: L1 coefficient (L1 weighted by decoder norm)")
     l0_coef: float = _f(1e-3, "jumprelu: L0 coefficient")
     scale_sample: int = _f(65536, "rows used to estimate the input scale and b_dec")
-    init_b_dec: str = _f("median", "b_dec initialisation: median (geometric) or mean")
+    init_b_dec: Literal["median", "mean"] = _f("median", "b_dec initialisation: median (geometric) or mean")
     init_enc_scale: float = _f(1.0, "encoder rows start at this × their (unit-norm) decoder rows")
     buffer_rows: int = _f(1 << 17, "rows in the in-RAM shuffle buffer")
     log_every: int = _f(10, "steps between wandb metric logs")

@@ -48,37 +48,83 @@ class SignSGD(torch.optim.Optimizer):
                 torch._foreach_add_(ps, torch._foreach_sign([p.grad for p in ps]), alpha=-group["lr"])
 
 
-class TrainOptimizer:
-    """One optimizer over one SAE's parameters: step, lr, state (for exact resume), inference weights."""
+BIASES = ("b_enc", "b_dec")
 
-    def __init__(self, name: str, params: list[torch.nn.Parameter], lr: float, momentum: float = 0.95):
+
+class SignumScheduleFree(torch.optim.Optimizer):
+    """Schedule-free sign-SGD: the same iterates as schedulefree.ScheduleFreeWrapper(SignSGD) in 4 passes.
+
+    The wrapper swaps x in and out of the z buffer around the base step (11 passes over each
+    parameter); like schedulefree's AdamWScheduleFree this updates y without forming x:
+    y ← lerp(y, z, c) + lr·(β(1−c) − 1)·sign(g), z ← z − lr·sign(g), with c = w_t/Σw and
+    w_t = lr_max² (the wrapper's weight_lr_power 2, r 0). Parameters hold y; state holds z.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.95):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "k": 0, "lr_max": 0.0, "weight_sum": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            lr, beta = group["lr"], group["momentum"]
+            group["lr_max"] = lr_max = max(lr, group["lr_max"])
+            weight = lr_max ** 2
+            group["weight_sum"] = weight_sum = group["weight_sum"] + weight
+            c = weight / weight_sum if weight_sum else 0.0
+            for p in ps:
+                if "z" not in self.state[p]:
+                    self.state[p]["z"] = p.detach().clone()
+            zs = [self.state[p]["z"] for p in ps]
+            signs = [p.grad for p in ps]
+            torch._foreach_sign_(signs)  # in place: the gradient is consumed by this step
+            torch._foreach_lerp_(ps, zs, c)
+            torch._foreach_add_(ps, signs, alpha=lr * (beta * (1 - c) - 1))
+            torch._foreach_add_(zs, signs, alpha=-lr)
+            group["k"] += 1
+
+
+class TrainOptimizer:
+    """One optimizer over one SAE's parameters: step, lr, state (for exact resume), inference weights.
+
+    Two parameter groups: weights at lr, biases (b_enc, b_dec) at lr × bias_lr_scale. Sign-like
+    updates (signum, and Adam's normalised step) move every coordinate by about lr whatever its
+    gradient, and the biases live in input units, where one coordinate of a unit-mean-square input
+    is ~1/√d_in: the same lr that suits unit-norm weight rows would throw the biases around."""
+
+    def __init__(self, name: str, named_params: list[tuple[str, torch.nn.Parameter]], lr: float,
+                 momentum: float = 0.95, bias_lr_scale: float = 1.0):
         if name not in OPTIMIZERS:
             from saeforge.errors import UserError
             raise UserError(f"--optimizer {name!r} is unknown; choose from {', '.join(OPTIMIZERS)}")
         self.name = name
-        self.params = params
+        self.params = [p for _, p in named_params]
         self.schedule_free = name in SCHEDULE_FREE
         self.beta = 0.0
+        weights = [p for n, p in named_params if n not in BIASES]
+        biases = [p for n, p in named_params if n in BIASES]
+        groups = [{"params": weights, "lr_scale": 1.0}, {"params": biases, "lr_scale": bias_lr_scale}]
+        groups = [dict(g, lr=lr * g["lr_scale"]) for g in groups if g["params"]]
         self.opt: Any
         if name == "adam":
             try:  # the fused kernel is ~10× faster than the per-tensor loop on CPU
-                self.opt = torch.optim.Adam(params, lr=lr, fused=True)
+                self.opt = torch.optim.Adam(groups, lr=lr, fused=True)
             except (RuntimeError, TypeError):
-                self.opt = torch.optim.Adam(params, lr=lr)
+                self.opt = torch.optim.Adam(groups, lr=lr)
         elif name == "adam-schedulefree":
             from schedulefree import AdamWScheduleFree
             self.beta = 0.9
-            self.opt = AdamWScheduleFree(params, lr=lr, betas=(self.beta, 0.999), warmup_steps=0)
+            self.opt = AdamWScheduleFree(groups, lr=lr, betas=(self.beta, 0.999), warmup_steps=0)
             self.opt.train()
         else:
-            from schedulefree import ScheduleFreeWrapper
             self.beta = momentum
-            self.opt = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=momentum)
-            self.opt.train()
+            self.opt = SignumScheduleFree(groups, lr=lr, momentum=momentum)
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
 
     def step(self) -> None:
         self.opt.step()

@@ -21,23 +21,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from saeforge.config import config_dict
-from saeforge.errors import UserError
-from saeforge.progress import progress
 from collect.store import Store
 from sae import distributed as ddp
 from sae.architectures import SAE, build_sae, fvu
-from sae.checkpoint import (checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint,
-                            save_checkpoint)
+from sae.checkpoint import checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
+from sae.evaluate import evaluate_rows
 from sae.init import geometric_median, unit_norm_scale
 from sae.io import save_sae
-from saeforge.urls import is_url, join, resolve
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
-from sae.evaluate import evaluate_rows
 from sae.optim import SCHEDULE_FREE, TrainOptimizer
 from sae.schedule import lr_at, warmup_steps_for
 from sae.wandb_log import RunLogger
+from saeforge.config import config_dict
+from saeforge.errors import UserError
+from saeforge.progress import progress
+from saeforge.urls import is_url, join, resolve
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,8 @@ class Trainer:
     def _member(self, spec: SweepMember, sae: SAE) -> Member:
         n = spec.arch.d_sae
         z = lambda: torch.zeros(n, dtype=torch.int64, device=self.device)  # noqa: E731
-        opt = TrainOptimizer(spec.optimizer, list(sae.parameters()), spec.lr, momentum=self.cfg.momentum)
+        opt = TrainOptimizer(spec.optimizer, list(sae.named_parameters()), spec.lr, momentum=self.cfg.momentum,
+                             bias_lr_scale=self.cfg.bias_lr_scale)
         return Member(spec, sae, opt, z(), z())
 
     def _resume(self) -> None:

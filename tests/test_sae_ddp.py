@@ -105,8 +105,8 @@ def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
 
 
 def test_batch_must_split_evenly(store, tmp_path, monkeypatch):
-    from saeforge.errors import UserError
     from sae.loader import ShuffledLoader
+    from saeforge.errors import UserError
     with pytest.raises(UserError, match="multiple of the number of ranks"):
         ShuffledLoader(store, store.hooks[0], 255, rank=0, world=2)
     a = [next(iter(ShuffledLoader(store, store.hooks[0], 256, rank=r, world=2))) for r in (0, 1)]
