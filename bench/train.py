@@ -58,7 +58,7 @@ def bench_steps(store: Store, hook: str, k: int, batch: int, reps: int, tmp: Pat
 
         def ours_aux() -> None:
             m.since_fired.zero_()
-            m.since_fired[: n // 20] = tr.cfg.dead_tokens  # 5% of latents count as dead: AuxK runs
+            m.since_fired[: n // 20] = tr.cfg.dead_after  # 5% of latents count as dead: AuxK runs
             tr.train_step(x)
 
         fns = {"dense": lambda: dense.step(x_raw)}

@@ -37,7 +37,7 @@ class TrainConfig:
     optimizer: list[OptimizerName] = _f(["signum-schedulefree"], f"optimizer(s): {', '.join(OPTIMIZERS)}")
     lr: list[float] = _f([], "learning rate(s); default per optimizer: base/sqrt(d_sae/16384) (sae/optim.py)")
     momentum: float = _f(0.95, "signum-schedulefree: schedule-free interpolation momentum β")
-    bias_lr_scale: float = _f(1.0, "lr of b_enc and b_dec = this × --lr")
+    bias_lr_scale: float = _f(0.01, "lr of b_enc and b_dec = this × --lr (biases live in input units)")
     tokens: int = _f(2_000_000, "training tokens")
     batch_size: int = _f(4096, "tokens per step")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -48,7 +48,8 @@ class TrainConfig:
     wandb: str = _f("offline", "wandb mode: online, offline (runs land in ./wandb) or disabled")
     wandb_project: str = _f("saeforge", "wandb project")
     checkpoint_every: int = _f(1_000_000, "tokens between checkpoints (0: only on interrupt)")
-    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
+    dead_tokens: int = _f(0, "a latent is dead after this many tokens without firing (AuxK); "
+                             "0: a tenth of --tokens, at most 10M")
     warmup_steps: int | None = _f(None, "linear lr warm-up steps, capped at a tenth of the run "
                                   "(default: 1000 for adam, 0 for schedule-free)")
     decay_fraction: float | None = _f(None, "linear lr decay to 0 over this final fraction of steps "
@@ -60,7 +61,8 @@ class TrainConfig:
     l0_coef: float = _f(1e-3, "jumprelu: L0 coefficient")
     scale_sample: int = _f(65536, "rows used to estimate the input scale and b_dec")
     init_b_dec: Literal["median", "mean"] = _f("median", "b_dec initialisation: median (geometric) or mean")
-    init_enc_scale: float = _f(1.0, "encoder rows start at this × their (unit-norm) decoder rows")
+    init_enc_scale: float = _f(0.577, "encoder rows start at this × their (unit-norm) decoder rows "
+                                      "(0.577 = nn.Linear's row norm)")
     buffer_rows: int = _f(1 << 17, "rows in the in-RAM shuffle buffer")
     log_every: int = _f(10, "steps between wandb metric logs")
     eval_every: int = _f(200, "steps between held-out evaluations and latent-density histograms")
@@ -107,6 +109,11 @@ class TrainConfig:
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
+
+    @property
+    def dead_after(self) -> int:
+        """Tokens without firing after which a latent counts as dead: AuxK engages within the run."""
+        return self.dead_tokens or min(10_000_000, max(self.tokens // 10, 1))
 
 
 @dataclass

@@ -177,7 +177,7 @@ class Trainer:
                          / ddp.global_sq_dev(x, self.dist.world).clamp_min(1e-12)).float()
         for m in self.members:
             sae = m.sae
-            dead = m.since_fired >= cfg.dead_tokens
+            dead = m.since_fired >= cfg.dead_after
             out = sae(x, dead_mask=dead)
             if self.dist.enabled:
                 fire, last = self._ddp_backward(m, out, x, var_scale)
@@ -336,7 +336,7 @@ class Trainer:
                 d.update({f"heldout_{k}": v for k, v in r.items() if k not in ("latent_density_hist", "d_sae")})
             d["train_fvu"] = float(m.last.get("fvu", math.nan))
             d["train_l0"] = float(m.last.get("l0", math.nan))
-            d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_tokens).float().mean())
+            d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_after).float().mean())
             res[m.spec.name] = d
             logger.log({f"{m.spec.name}/{k}": v for k, v in d.items()}, step=self.step)
             window_tokens = max(int(self.cfg.eval_every) * self.cfg.batch_size, 1)
