@@ -1,20 +1,20 @@
 """The `saeforge train` config: one dataclass, TOML section [train] < command-line flags.
 
 A sweep is written with list values (`--k 16,32 --expansion 8,16`, or `k = [16, 32]` in TOML):
-every combination of arch × k × expansion × lr is trained from one pass over the data.
+every combination of arch × k × expansion × optimizer × lr is trained from one pass over the data.
 """
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Literal
 
+from sae.architectures import ARCHITECTURES, ArchConfig
+from sae.optim import OptimizerName, default_lr
+from sae.wandb_log import WandbMode
 from saeforge.config import check_choices, option
 from saeforge.devices import check_device
 from saeforge.errors import UserError
-from sae.wandb_log import WandbMode
-from sae.architectures import ARCHITECTURES, ArchConfig
 
 # fields that may change between an interrupted run and its --resume (they do not affect weights)
 RESUMABLE_CHANGES = frozenset({"resume", "quiet", "wandb", "wandb_project", "device", "threads",
@@ -30,7 +30,10 @@ class TrainConfig:
     arch: list[str] = option(["topk"], "architecture(s); a list makes a sweep", choices=list(ARCHITECTURES))
     k: list[int] = option([32], "active latents per token (topk, batchtopk); a list makes a sweep")
     expansion: list[int] = option([8], "d_sae = expansion × d_in; a list makes a sweep")
-    lr: list[float] = option([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
+    optimizer: list[OptimizerName] = option(["signum-schedulefree"], "optimizer(s); a list makes a sweep")
+    lr: list[float] = option([], "learning rate(s); default per optimizer: base/sqrt(d_sae/16384) (sae/optim.py)")
+    momentum: float = option(0.95, "signum-schedulefree: schedule-free interpolation momentum β")
+    bias_lr_scale: float = option(0.01, "lr of b_enc and b_dec = this × --lr (biases live in input units)")
     tokens: int = option(2_000_000, "training tokens")
     batch_size: int = option(4096, "tokens per step")
     seed: int = option(0, "seed for initialisation and data order")
@@ -41,9 +44,12 @@ class TrainConfig:
     wandb: WandbMode = option("offline", "wandb mode: online, offline (runs land in ./wandb) or disabled")
     wandb_project: str = option("saeforge", "wandb project")
     checkpoint_every: int = option(1_000_000, "tokens between checkpoints (0: only on interrupt)")
-    dead_tokens: int = option(10_000_000, "a latent is dead after this many tokens without firing (AuxK)")
-    warmup_steps: int = option(1000, "linear lr warm-up steps (capped at a tenth of the run)")
-    decay_fraction: float = option(0.2, "linear lr decay to 0 over this final fraction of steps")
+    dead_tokens: int = option(0, "a latent is dead after this many tokens without firing (AuxK); "
+                             "0: a tenth of --tokens, at most 10M")
+    warmup_steps: int | None = option(None, "linear lr warm-up steps, capped at a tenth of the run "
+                                  "(default: 1000 for adam, 0 for schedule-free)")
+    decay_fraction: float | None = option(None, "linear lr decay to 0 over this final fraction of steps "
+                                      "(default: 0.2 for adam, 0 for schedule-free)")
     grad_clip: float = option(1.0, "gradient norm clip (0: off)")
     aux_k: int = option(0, "AuxK latents (0: d_in/2)")
     aux_coef: float = option(1 / 32, "AuxK loss coefficient")
@@ -51,6 +57,8 @@ class TrainConfig:
     l0_coef: float = option(1e-3, "jumprelu: L0 coefficient")
     scale_sample: int = option(65536, "rows used to estimate the input scale and b_dec")
     init_b_dec: Literal["median", "mean"] = option("median", "b_dec initialisation: median (geometric) or mean")
+    init_enc_scale: float = option(0.577, "encoder rows start at this × their (unit-norm) decoder rows "
+                                      "(0.577 = nn.Linear's row norm)")
     buffer_rows: int = option(1 << 17, "rows in the in-RAM shuffle buffer")
     log_every: int = option(10, "steps between wandb metric logs")
     eval_every: int = option(200, "steps between held-out evaluations and latent-density histograms")
@@ -67,6 +75,10 @@ class TrainConfig:
             for v in getattr(self, name):
                 if v < 1:
                     raise UserError(f"--{name} {v} must be a positive integer")
+        if not self.optimizer:
+            raise UserError("--optimizer needs at least one value")
+        if not 0 < self.momentum < 1:
+            raise UserError(f"--momentum {self.momentum} must be in (0, 1), e.g. 0.95")
         for v in self.lr:
             if not 0 < v < 1:
                 raise UserError(f"--lr {v} is out of range; use e.g. 2e-4")
@@ -76,13 +88,18 @@ class TrainConfig:
             raise UserError(f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size})")
         if self.eval_ce_tokens < 0:
             raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
-        if not 0 <= self.decay_fraction <= 1:
+        if self.decay_fraction is not None and not 0 <= self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
         check_device(self.device)
 
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
+
+    @property
+    def dead_after(self) -> int:
+        """Tokens without firing after which a latent counts as dead: AuxK engages within the run."""
+        return self.dead_tokens or min(10_000_000, max(self.tokens // 10, 1))
 
 
 @dataclass
@@ -91,32 +108,26 @@ class SweepMember:
     name: str
     arch: ArchConfig
     lr: float
-
-
-def default_lr(d_sae: int) -> float:
-    """3× sparsify's rule (2e-4 / sqrt(d_sae / 2^14)).
-
-    sparsify's encoder starts at nn.Linear scale (column norm ≈ 0.58) while ours starts at
-    W_decᵀ (norm 1), so the same Adam step moves ours relatively less. On the quickstart store
-    (SmolLM2 layer 15, k 32, 8×, 1M tokens) 1×/2×/3× that rule gave held-out FVU 0.245/0.195/0.175."""
-    return 6e-4 / math.sqrt(d_sae / 16384)
+    optimizer: str = "adam"
 
 
 def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
-    """Every distinct arch × k × expansion × lr combination (k is ignored for relu/jumprelu)."""
+    """Every distinct arch × k × expansion × optimizer × lr combination (k is ignored for relu/jumprelu)."""
     out: list[SweepMember] = []
     seen: set[tuple] = set()
     lrs: list[float | None] = list(cfg.lr) or [None]
-    for arch, k, exp, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, lrs):
+    opts = list(dict.fromkeys(cfg.optimizer))
+    for arch, k, exp, opt, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, opts, lrs):
         uses_k = arch in ("topk", "batchtopk")
-        key = (arch, k if uses_k else None, exp, lr)
+        key = (arch, k if uses_k else None, exp, opt, lr)
         if key in seen:
             continue
         seen.add(key)
         d_sae = exp * d_in
         a = ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if uses_k else 0, aux_k=cfg.aux_k or d_in // 2,
                        aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
-        real_lr = default_lr(d_sae) if lr is None else lr
-        name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if len(lrs) > 1 else "")
-        out.append(SweepMember(name, a, real_lr))
+        real_lr = default_lr(opt, d_sae) if lr is None else lr
+        name = (f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_{opt}" if len(opts) > 1 else "")
+                + (f"_lr{lr:g}" if len(lrs) > 1 else ""))
+        out.append(SweepMember(name, a, real_lr, opt))
     return out

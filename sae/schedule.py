@@ -1,6 +1,8 @@
 """Learning-rate schedule: linear warm-up, constant, linear decay to 0 over the final fraction.
 
-A pure function of the step, so a resumed run needs only the step counter.
+A pure function of the step, so a resumed run needs only the step counter. Adam uses all three
+phases by default; schedule-free optimizers average their iterates instead of decaying, so by
+default they run at a constant lr (Trainer.lr picks the defaults per optimizer).
 """
 from __future__ import annotations
 

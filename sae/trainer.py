@@ -1,8 +1,9 @@
 """Train one SAE, or a sweep of them, from one pass over an activation store.
 
 Every SAE sees the same batches (read once). Per step: FVU (+AuxK/L1/L0) loss, decoder-gradient
-projection, grad clip, Adam with the warm-up/constant/decay schedule, decoder renormalisation
-and dead-latent counters. Checkpoints every N tokens and on SIGINT/SIGTERM hold everything needed
+projection, grad clip, the optimizer step (sae/optim.py) at the lr of its schedule, decoder
+renormalisation and dead-latent counters. Evaluation and saving use the weights the optimizer
+means for inference (the averaged ones for schedule-free optimizers). Checkpoints every N tokens and on SIGINT/SIGTERM hold everything needed
 for `--resume` to end with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
@@ -20,22 +21,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from saeforge.config import config_dict
-from saeforge.errors import UserError
-from saeforge.progress import progress
 from collect.store import Store
 from sae import distributed as ddp
 from sae.architectures import SAE, build_sae, fvu
-from sae.checkpoint import (checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint,
-                            save_checkpoint)
+from sae.checkpoint import checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
+from sae.evaluate import evaluate_rows
 from sae.init import geometric_median, unit_norm_scale
 from sae.io import save_sae
-from saeforge.urls import is_url, join
 from sae.loader import ShuffledLoader, heldout_rows, sample_rows
-from sae.evaluate import evaluate_rows
+from sae.optim import SCHEDULE_FREE, TrainOptimizer
 from sae.schedule import lr_at, warmup_steps_for
 from sae.wandb_log import RunLogger
+from saeforge.config import config_dict
+from saeforge.errors import UserError
+from saeforge.progress import progress
+from saeforge.urls import is_url, join
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Member:
     """One SAE being trained, with its optimizer and dead-latent counter."""
     spec: SweepMember
     sae: SAE
-    opt: torch.optim.Optimizer
+    opt: TrainOptimizer
     since_fired: torch.Tensor  # int64 [d_sae]: tokens since each latent last fired
     window_counts: torch.Tensor  # int64 [d_sae]: fires since the last density histogram
     last: dict[str, float] = field(default_factory=dict)
@@ -58,14 +59,6 @@ class TrainResult:
     tokens: int
     interrupted: bool
     tokens_per_s: float
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam; the fused kernel is ~10× faster than the per-tensor loop on CPU."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
 
 
 class Trainer:
@@ -124,6 +117,9 @@ class Trainer:
         for i, spec in enumerate(self.specs):
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
             sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device=self.device).train()
+            if cfg.init_enc_scale != 1.0:
+                with torch.no_grad():
+                    sae.enc.mul_(cfg.init_enc_scale)
             self.members.append(self._member(spec, sae))
         self._sync_members()
 
@@ -135,7 +131,9 @@ class Trainer:
     def _member(self, spec: SweepMember, sae: SAE) -> Member:
         n = spec.arch.d_sae
         z = lambda: torch.zeros(n, dtype=torch.int64, device=self.device)  # noqa: E731
-        return Member(spec, sae, make_optimizer(list(sae.parameters()), spec.lr), z(), z())
+        opt = TrainOptimizer(spec.optimizer, list(sae.named_parameters()), spec.lr, momentum=self.cfg.momentum,
+                             bias_lr_scale=self.cfg.bias_lr_scale)
+        return Member(spec, sae, opt, z(), z())
 
     def _resume(self) -> None:
         ck = load_checkpoint(self.out)
@@ -172,8 +170,6 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> None:
         cfg = self.cfg
-        total = cfg.steps
-        warm = warmup_steps_for(total, cfg.warmup_steps)
         var_scale = None
         if self.dist.enabled:
             var_local = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)  # as the losses compute it
@@ -181,7 +177,7 @@ class Trainer:
                          / ddp.global_sq_dev(x, self.dist.world).clamp_min(1e-12)).float()
         for m in self.members:
             sae = m.sae
-            dead = m.since_fired >= cfg.dead_tokens
+            dead = m.since_fired >= cfg.dead_after
             out = sae(x, dead_mask=dead)
             if self.dist.enabled:
                 fire, last = self._ddp_backward(m, out, x, var_scale)
@@ -191,11 +187,9 @@ class Trainer:
             sae.project_decoder_grad()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            lr = lr_at(self.step, total, m.spec.lr, warm, cfg.decay_fraction)
-            for g in m.opt.param_groups:
-                g["lr"] = lr
+            lr = self.lr(m)
+            m.opt.set_lr(lr)
             m.opt.step()
-            m.opt.zero_grad(set_to_none=True)
             sae.normalize_decoder()
             fired = fire > 0
             m.since_fired += x.shape[0] * self.dist.world
@@ -206,6 +200,14 @@ class Trainer:
                                                                                    "dead": dead.float().mean()}
         self.step += 1
         self.position += x.shape[0] * self.dist.world
+
+    def lr(self, m: Member) -> float:
+        """This step's lr: warm-up, constant, decay (schedule-free: by default neither warm-up nor decay)."""
+        cfg, total = self.cfg, self.cfg.steps
+        sf = m.spec.optimizer in SCHEDULE_FREE
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else (0 if sf else 1000)
+        decay = cfg.decay_fraction if cfg.decay_fraction is not None else (0.0 if sf else 0.2)
+        return lr_at(self.step, total, m.spec.lr, warmup_steps_for(total, warm), decay)
 
     # terms of SAEOutput.terms divided by the batch variance (the rest are means over rows)
     _VAR_TERMS = ("fvu", "aux")
@@ -329,11 +331,12 @@ class Trainer:
             d: dict[str, float] = {}
             if len(heldout):
                 # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + input_scale
-                r = evaluate_rows(m.sae, heldout / self.scale, input_scale=self.scale)
+                with m.opt.inference_weights():
+                    r = evaluate_rows(m.sae, heldout / self.scale, input_scale=self.scale)
                 d.update({f"heldout_{k}": v for k, v in r.items() if k not in ("latent_density_hist", "d_sae")})
             d["train_fvu"] = float(m.last.get("fvu", math.nan))
             d["train_l0"] = float(m.last.get("l0", math.nan))
-            d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_tokens).float().mean())
+            d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_after).float().mean())
             res[m.spec.name] = d
             logger.log({f"{m.spec.name}/{k}": v for k, v in d.items()}, step=self.step)
             window_tokens = max(int(self.cfg.eval_every) * self.cfg.batch_size, 1)
@@ -362,12 +365,13 @@ class Trainer:
             d = join(self.out, m.spec.name) if many else self.out
             meta = {"hook_point": self.cfg.hook, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                     "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
-                    "lr": m.spec.lr, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
+                    "lr": m.spec.lr, "optimizer": m.spec.optimizer, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
                     "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
                     "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(), "store_attrs": {k: self.store.attrs.get(k) for k in
                                                                     ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
                                                                      "prepend_bos", "hook_modules")}}
-            dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta))
+            with m.opt.inference_weights():
+                dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta))
             log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
         return dirs
 

@@ -98,15 +98,15 @@ def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
     out = tmp_path / "cut"
     mp.spawn(_worker, args=(_free_port(), store.path, str(out), 7), nprocs=2, join=True)
     assert (out / "checkpoint.pt").is_file() and not (out / "topk_k3_x4").exists()
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 7
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 7
     mp.spawn(_worker, args=(_free_port(), store.path, str(out), 0), nprocs=2, join=True)
     assert not (out / "checkpoint.pt").exists()
     _same(single, out)
 
 
 def test_batch_must_split_evenly(store, tmp_path, monkeypatch):
-    from saeforge.errors import UserError
     from sae.loader import ShuffledLoader
+    from saeforge.errors import UserError
     with pytest.raises(UserError, match="multiple of the number of ranks"):
         ShuffledLoader(store, store.hooks[0], 255, rank=0, world=2)
     a = [next(iter(ShuffledLoader(store, store.hooks[0], 256, rank=r, world=2))) for r in (0, 1)]

@@ -1,0 +1,115 @@
+"""The trainers saeforge is compared with, each one step at a time on a batch of raw activations.
+
+  SparsifyDefaults  EleutherAI sparsify at its real defaults, through its own code: SparseCoder
+                    (nn.Linear encoder init, decoder = unit-norm copy), schedulefree's
+                    ScheduleFreeWrapper over sparsify.sign_sgd.SignSGD (momentum 0.95), lr
+                    5e-3/√(d_sae/2¹⁴), b_dec = mean of the first batch, unit-norm decoder set before
+                    every forward, gradient parallel to decoder rows removed, no AuxK (auxk_alpha 0),
+                    no warm-up, raw (unscaled) activations; optimizer.eval() for evaluation.
+  DenseAdam         a plain PyTorch TopK SAE: dense encoder, topk, dense decoder, autograd, Adam at a
+                    constant lr on unit-mean-square inputs (what a first implementation looks like).
+
+Both expose `step(x_raw)` and `encoder_decoder()` → (encode, W_dec, b_dec) in raw units for evaluation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (raw rows -> dense latents, W_dec [d_sae, d_in], b_dec): x̂ = latents @ W_dec + b_dec in raw units
+EncDec = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]
+
+
+def sparsify_available() -> bool:
+    try:
+        import schedulefree  # noqa: F401
+        import sparsify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SparsifyDefaults:
+    name = "sparsify"
+
+    def __init__(self, d: int, n: int, k: int, seed: int = 0):
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+        torch.manual_seed(seed)
+        self.sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+        self.lr = 5e-3 / (n / 2**14) ** 0.5  # sparsify.trainer, case "signum"
+        self.opt = ScheduleFreeWrapper(SignSGD([dict(params=self.sc.parameters(), lr=self.lr)]), momentum=0.95)
+        self.opt.train()
+        self.first = True
+
+    def step(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, auxk_alpha: float = 1 / 32) -> None:
+        """One step of sparsify.trainer's loop; `dead_mask` only to time its AuxK path (off by default)."""
+        sc = self.sc
+        if self.first:  # sparsify.trainer: on the first step b_dec = mean of the batch
+            sc.b_dec.data = x.mean(0)
+            self.first = False
+        sc.set_decoder_norm_to_unit_norm()
+        out = sc(x, dead_mask=dead_mask)  # auxk_alpha defaults to 0: no dead mask, no AuxK
+        (out.fvu + auxk_alpha * out.auxk_loss if dead_mask is not None else out.fvu).backward()
+        sc.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def encoder_decoder(self) -> EncDec:
+        """Evaluation as sparsify does it: optimizer.eval() puts the averaged weights in place."""
+        import copy
+        self.opt.eval()
+        sc = copy.deepcopy(self.sc)
+        self.opt.train()
+
+        def enc(x: torch.Tensor) -> torch.Tensor:
+            acts, idx, _ = sc.encode(x)
+            return torch.zeros(x.shape[0], sc.num_latents).scatter_(1, idx, acts)
+
+        return enc, sc.W_dec.detach(), sc.b_dec.detach()
+
+
+class DenseAdam:
+    name = "dense-adam"
+
+    def __init__(self, d: int, n: int, k: int, b_dec: torch.Tensor, scale: float, lr: float, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, d, generator=g)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(w)
+        self.W_enc = torch.nn.Parameter(w.t().clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(n))
+        self.b_dec = torch.nn.Parameter(b_dec.clone())
+        self.k, self.scale = k, scale
+        self.opt = torch.optim.Adam([self.W_dec, self.W_enc, self.b_enc, self.b_dec], lr=lr)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        v, i = pre.topk(self.k, dim=1, sorted=False)
+        return torch.zeros_like(pre).scatter(1, i, v)
+
+    def step(self, x: torch.Tensor) -> None:
+        x = x * self.scale
+        recon = self._encode(x) @ self.W_dec + self.b_dec
+        loss = (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def encoder_decoder(self) -> EncDec:
+        s = self.scale
+
+        def enc(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self._encode(x * s)
+
+        return enc, self.W_dec.detach() / s, self.b_dec.detach() / s
+
+
+def dense_adam_lr(d_sae: int) -> float:
+    """The constant Adam lr of the plain reference: saeforge's adam rule."""
+    return 6e-4 / math.sqrt(d_sae / 16384)
