@@ -240,7 +240,7 @@ def stores(tmp_path_factory, wikitext_dir, smollm2, gguf):
     """The same collection run through both backends (layers 6 resid_post and 3 attn_out)."""
     tmp = tmp_path_factory.mktemp("lc")
     kw = dict(corpus=str(wikitext_dir / "valid.txt"), hooks=["layers.6.resid_post", "layers.3.attn_out"], context=64,
-              max_tokens=8192, batch_size=8, shard_rows=1024, heldout_fraction=0.2, quiet=True)
+              max_tokens=4096, batch_size=8, shard_rows=1024, heldout_fraction=0.5, quiet=True)
     lc = collect_activations(CollectConfig(out=str(tmp / "lc.zarr"), backend="llama.cpp", **kw))
     pt = collect_activations(CollectConfig(out=str(tmp / "pt.zarr"), **kw), loaded=smollm2)
     return lc, pt, kw
@@ -248,7 +248,7 @@ def stores(tmp_path_factory, wikitext_dir, smollm2, gguf):
 
 def test_llama_cpp_store_follows_the_store_contract(stores):
     lc, pt, _ = stores
-    assert lc.complete and lc.n_tokens == pt.n_tokens == 8192
+    assert lc.complete and lc.n_tokens == pt.n_tokens == 4096
     assert lc.attrs["backend"] == "llama.cpp" and lc.attrs["quantization"] == "Q4_1"
     assert pt.attrs["backend"] == "torch"
     assert lc.attrs["hook_modules"] == {"layers.6.resid_post": "l_out-6", "layers.3.attn_out": "attn_out-3"}
@@ -277,8 +277,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, tmp_path):
     lc, _, kw = stores
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "collect", "collect", "--backend", "llama.cpp", "--corpus", kw["corpus"],
-           "--hooks", "layers.6.resid_post,layers.3.attn_out", "--context", "64", "--max-tokens", "8192",
-           "--batch-size", "8", "--shard-rows", "1024", "--heldout-fraction", "0.2", "--out", str(out), "--quiet"]
+           "--hooks", "layers.6.resid_post,layers.3.attn_out", "--context", "64", "--max-tokens", "4096",
+           "--batch-size", "8", "--shard-rows", "1024", "--heldout-fraction", "0.5", "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -293,11 +293,11 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, tmp_path):
     assert proc.poll() is None, f"collector ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < committed() < 8192
+    assert 0 < committed() < 4096
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     st = Store.open(out)
-    assert st.complete and st.n_tokens == 8192
+    assert st.complete and st.n_tokens == 4096
     for name in ("tokens", "seq", "keep", "heldout"):
         np.testing.assert_array_equal(getattr(st, name)(), getattr(lc, name)(), err_msg=name)
     for h in lc.hooks:   # llama.cpp on the same sequences with the same threads: the same bits
