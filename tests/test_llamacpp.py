@@ -239,8 +239,12 @@ def test_llama_completion_cli_generates_what_saeforge_shows(gguf, smollm2, lcm, 
 def stores(tmp_path_factory, wikitext_dir, smollm2, gguf):
     """The same collection run through both backends (layers 6 resid_post and 3 attn_out)."""
     tmp = tmp_path_factory.mktemp("lc")
-    kw = dict(corpus=str(wikitext_dir / "valid.txt"), hooks=["layers.6.resid_post", "layers.3.attn_out"], context=64,
-              max_tokens=4096, batch_size=8, shard_rows=1024, heldout_fraction=0.5, quiet=True)
+    # one wikitext paragraph per document (articles are thousands of tokens: too few to split by)
+    lines = (wikitext_dir / "valid.txt").read_text(encoding="utf-8").splitlines()
+    paras = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("=")]
+    (tmp / "paras.txt").write_text("\n\n".join(paras[:300]), encoding="utf-8")
+    kw = dict(corpus=str(tmp / "paras.txt"), hooks=["layers.6.resid_post", "layers.3.attn_out"], context=64,
+              max_tokens=2048, batch_size=8, shard_rows=512, heldout_fraction=0.2, quiet=True)
     lc = collect_activations(CollectConfig(out=str(tmp / "lc.zarr"), backend="llama.cpp", **kw))
     pt = collect_activations(CollectConfig(out=str(tmp / "pt.zarr"), **kw), loaded=smollm2)
     return lc, pt, kw
@@ -248,7 +252,7 @@ def stores(tmp_path_factory, wikitext_dir, smollm2, gguf):
 
 def test_llama_cpp_store_follows_the_store_contract(stores):
     lc, pt, _ = stores
-    assert lc.complete and lc.n_tokens == pt.n_tokens == 4096
+    assert lc.complete and lc.n_tokens == pt.n_tokens == 2048
     assert lc.attrs["backend"] == "llama.cpp" and lc.attrs["quantization"] == "Q4_1"
     assert pt.attrs["backend"] == "torch"
     assert lc.attrs["hook_modules"] == {"layers.6.resid_post": "l_out-6", "layers.3.attn_out": "attn_out-3"}
@@ -267,8 +271,8 @@ def test_llama_cpp_store_trains_an_sae_that_beats_the_mean(stores, tmp_path):
     from sae.trainer import train
     lc, _, _ = stores
     res = train(TrainConfig(store=lc.path, hook="layers.6.resid_post", out=str(tmp_path / "sae"), arch=["topk"],
-                            k=[16], expansion=[2], tokens=256 * 80, batch_size=256, wandb="disabled", quiet=True,
-                            eval_every=0, checkpoint_every=0, scale_sample=4096, eval_rows=1024))
+                            k=[16], expansion=[2], tokens=256 * 60, batch_size=256, wandb="disabled", quiet=True,
+                            eval_every=0, checkpoint_every=0, scale_sample=2048, eval_rows=256))
     m = next(iter(res.metrics.values()))
     assert m["heldout_fvu"] < 0.6, m   # the mean predictor scores 1.0
 
@@ -277,8 +281,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, tmp_path):
     lc, _, kw = stores
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "collect", "collect", "--backend", "llama.cpp", "--corpus", kw["corpus"],
-           "--hooks", "layers.6.resid_post,layers.3.attn_out", "--context", "64", "--max-tokens", "4096",
-           "--batch-size", "8", "--shard-rows", "1024", "--heldout-fraction", "0.5", "--out", str(out), "--quiet"]
+           "--hooks", "layers.6.resid_post,layers.3.attn_out", "--context", "64", "--max-tokens", "2048",
+           "--batch-size", "8", "--shard-rows", "512", "--heldout-fraction", "0.2", "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -288,16 +292,16 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, tmp_path):
         except (OSError, ValueError, KeyError):
             return 0
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and committed() < 1024:
+    while time.time() < deadline and proc.poll() is None and committed() < 512:
         time.sleep(0.02)
     assert proc.poll() is None, f"collector ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < committed() < 4096
+    assert 0 < committed() < 2048
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     st = Store.open(out)
-    assert st.complete and st.n_tokens == 4096
+    assert st.complete and st.n_tokens == 2048
     for name in ("tokens", "seq", "keep", "heldout"):
         np.testing.assert_array_equal(getattr(st, name)(), getattr(lc, name)(), err_msg=name)
     for h in lc.hooks:   # llama.cpp on the same sequences with the same threads: the same bits
