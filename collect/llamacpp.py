@@ -100,9 +100,14 @@ def available() -> str | None:
 
 
 def _last_error() -> str:
+    """The most telling line llama.cpp logged: the reason ("unknown model architecture: …") before
+    the generic "error"/"failed" lines that follow it."""
     lines = [m.strip() for m in _LOG_TAIL if m.strip()]
-    errs = [m for m in lines if "error" in m.lower() or "unknown" in m.lower() or "failed" in m.lower()]
-    return (errs or lines or ["no message"])[-1]
+    for word in ("unknown", "error", "failed"):
+        hits = [m for m in lines if word in m.lower()]
+        if hits:
+            return hits[-1]
+    return (lines or ["no message"])[-1]
 
 
 def gguf_fingerprint(path: str | os.PathLike, samples: int = 64, piece: int = 1 << 16) -> str:
