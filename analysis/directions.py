@@ -11,13 +11,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saeforge.errors import UserError
 from collect.hooks import forward_to
 from collect.layers import discover_layout, resolve_hook_point
+from saeforge.errors import UserError
+
+if TYPE_CHECKING:
+    from sae.architectures import SAE
 
 log = logging.getLogger(__name__)
 
@@ -61,74 +64,49 @@ def canonical_point(model: torch.nn.Module, layer: str | int, site: str = "resid
 
 # ---- SAE latent ---------------------------------------------------------------------------------
 
-def _sae_files(sae_dir: str | Path) -> tuple[Path, dict]:
-    d = Path(sae_dir)
-    wf = d / "sae.safetensors"
-    if not wf.is_file():
-        raise UserError(f"--sae {str(sae_dir)!r}: no sae.safetensors in that directory; pass a directory "
-                        f"written by `saeforge train`")
-    cfg_path = d / "cfg.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return wf, cfg
+def _load_sae(sae_dir: str | Path) -> tuple["SAE", dict]:
+    """The SAE module (sae.io.load_sae: local path or fsspec URL) and its cfg.json."""
+    from sae.io import load_sae, read_cfg
+    return load_sae(str(sae_dir)), read_cfg(str(sae_dir))
+
+
+def _check_latent(sae: "SAE", sae_dir: str | Path, latent: int) -> None:
+    n = int(sae.W_dec.shape[0])
+    if not 0 <= latent < n:
+        raise UserError(f"--latent {latent} is out of range: SAE {str(sae_dir)!r} has {n} latents (use 0..{n - 1})")
 
 
 def sae_latent_direction(sae_dir: str | Path, latent: int) -> tuple[torch.Tensor, dict]:
     """The decoder row `W_dec[latent]` of an SAE directory and its cfg.json (hook_point, d_in, model)."""
-    from safetensors.torch import load_file
-    wf, cfg = _sae_files(sae_dir)
-    w = load_file(str(wf))
-    if "W_dec" not in w:
-        raise UserError(f"--sae {str(sae_dir)!r}: sae.safetensors has no W_dec tensor (found {sorted(w)})")
-    n = w["W_dec"].shape[0]
-    if not 0 <= latent < n:
-        raise UserError(f"--latent {latent} is out of range: this SAE has {n} latents (use 0..{n - 1})")
-    return w["W_dec"][latent].float().clone(), cfg
+    sae, cfg = _load_sae(sae_dir)
+    _check_latent(sae, sae_dir, latent)
+    return sae.W_dec[latent].detach().float().cpu().clone(), cfg
 
 
 @dataclass
 class SaeLatent:
-    """What `clamp` needs to read one latent's activation a(x) and write along its decoder row."""
-    w_enc: torch.Tensor          # [d_in] encoder column of the latent
-    b_enc: float
-    b_dec: torch.Tensor          # [d_in]
-    d_dec: torch.Tensor          # [d_in] decoder row
-    threshold: float | None = None   # JumpReLU
-    k: int | None = None             # TopK: the latent is active only if it is among the k largest
-    W_enc_full: torch.Tensor | None = None  # [d_in, d_sae], needed for TopK
-    b_enc_full: torch.Tensor | None = None
-    index: int = 0
+    """One latent of an SAE module: `encode` reads its activation a(x) with the SAE's own inference rule
+    (TopK's top-k, BatchTopK's saved threshold, JumpReLU's thresholds, ReLU), `d_dec` is its decoder row."""
+    sae: "SAE"
+    index: int
 
+    @property
+    def d_dec(self) -> torch.Tensor:
+        return self.sae.W_dec[self.index].detach().float().cpu()
+
+    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """a(x) for `x [..., d_in]` → `[...]`."""
-        xc = x - self.b_dec.to(x)
-        pre = xc @ self.w_enc.to(x) + self.b_enc
-        if self.k is not None and self.W_enc_full is not None:
-            all_pre = xc @ self.W_enc_full.to(x) + self.b_enc_full.to(x)
-            kth = all_pre.topk(self.k, dim=-1).values[..., -1]
-            return torch.where(pre >= kth, pre.clamp_min(0), torch.zeros_like(pre))
-        if self.threshold is not None:
-            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
-        return pre.clamp_min(0)
+        """a(x) for `x [..., d_in]` → `[...]` (float32, on x's device)."""
+        if next(self.sae.parameters()).device != x.device:
+            self.sae.to(x.device)
+        return self.sae.encode(x.float())[..., self.index]
 
 
 def load_sae_latent(sae_dir: str | Path, latent: int) -> tuple[SaeLatent, dict]:
-    """Encoder/decoder weights of one latent from the raw SAE files (no dependency on sae/ code)."""
-    from safetensors.torch import load_file
-    wf, cfg = _sae_files(sae_dir)
-    w = load_file(str(wf))
-    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in w]
-    if missing:
-        raise UserError(f"--sae {str(sae_dir)!r}: sae.safetensors lacks {missing}; clamping needs the encoder")
-    d_dec, _ = sae_latent_direction(sae_dir, latent)
-    arch = str(cfg.get("architecture", "")).lower()
-    k = cfg.get("k") if "topk" in arch or (arch == "" and cfg.get("k")) else None
-    thr = w.get("threshold")
-    lat = SaeLatent(w_enc=w["W_enc"][:, latent].float(), b_enc=float(w["b_enc"][latent]), b_dec=w["b_dec"].float(),
-                    d_dec=d_dec, threshold=None if thr is None else float(thr.reshape(-1)[latent] if thr.numel() > 1 else thr),
-                    k=int(k) if k else None, index=latent)
-    if lat.k is not None:
-        lat.W_enc_full, lat.b_enc_full = w["W_enc"].float(), w["b_enc"].float()
-    return lat, cfg
+    """One latent of the SAE in `sae_dir`, read through the SAE module itself (sae.io.load_sae)."""
+    sae, cfg = _load_sae(sae_dir)
+    _check_latent(sae, sae_dir, latent)
+    return SaeLatent(sae, latent), cfg
 
 
 def from_sae(model: torch.nn.Module | None, sae_dir: str | Path, latent: int,

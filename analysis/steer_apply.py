@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 import torch
 
 from analysis.directions import SaeLatent, SteeringVector
-from saeforge.errors import UserError
 from collect.hooks import HookCall, hooks
+from saeforge.errors import UserError
 
 OPS = ("add", "ablate", "clamp")
 POSITIONS = ("all", "prompt", "generated")
@@ -105,6 +105,7 @@ def steer_fn(vector: torch.Tensor, tracker: PositionTracker, coeff: float = 1.0,
             d = v / v.norm()
             delta = -(x @ d).unsqueeze(-1) * d
         else:
+            assert latent is not None   # checked above
             a = latent.encode(x.float()).to(x.dtype)
             delta = (coeff - a).unsqueeze(-1) * v     # v is the latent's decoder row (or a control of equal norm)
         if m is not None:
@@ -131,17 +132,36 @@ def steer(model: torch.nn.Module, vector: SteeringVector | dict[str, torch.Tenso
     tracker = PositionTracker()
     if prompt_lengths is not None:
         tracker.prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).reshape(-1)
-    fns = {}
+    if op == "add":   # exactly the vectors the file exports write (added_vectors)
+        fns = {p: steer_fn(v, tracker, 1.0, op, positions, latent, skip_first)
+               for p, v in added_vectors(dirs, coeff, norm_scale).items()}
+    else:
+        fns = {p: steer_fn(v.detach().float(), tracker, coeff, op, positions, latent, skip_first)
+               for p, v in dirs.items()}
+    with hooks(model, fns):
+        yield tracker
+
+
+def added_vectors(vector: SteeringVector | dict[str, torch.Tensor], coeff: float = 1.0,
+                  norm_scale: float | dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """What `op="add"` adds at each hook point, float32: coeff·v, or with `norm_scale` (relative
+    coefficients) coeff·norm_scale[point]·v/|v|, where |v| is the largest row norm of a per-position
+    direction. The steering hook and every export (.npy, .bin, llama.cpp GGUF) use this one function,
+    so the files hold exactly what was added."""
+    dirs = vector.directions if isinstance(vector, SteeringVector) else vector
+    out = {}
     for point, vec in dirs.items():
         vec = vec.detach().float()
         c = coeff
-        if norm_scale is not None and op == "add":
+        if norm_scale is not None:
             ns = norm_scale[point] if isinstance(norm_scale, dict) else norm_scale
             n = vec.norm(dim=-1).max() if vec.ndim == 2 else vec.norm()
+            if float(n) == 0:
+                raise UserError(f"the direction at {point} is zero, so a relative coefficient is undefined; "
+                                f"use a plain --coeff or another direction")
             c = coeff * float(ns) / float(n)
-        fns[point] = steer_fn(vec, tracker, c, op, positions, latent, skip_first)
-    with hooks(model, fns):
-        yield tracker
+        out[point] = c * vec
+    return out
 
 
 def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:

@@ -13,8 +13,9 @@ import torch
 
 from analysis.directions import SteeringVector
 from analysis.steer_apply import random_like, steer
-from saeforge.errors import UserError
+from analysis.steer_sampling import Sampling, logits_processors
 from collect.hooks import forward_to
+from saeforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def chat_text(tokenizer, text: str, chat: bool) -> str:
         return text
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: this tokenizer has no chat template; drop --chat for a base model")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def encode(tokenizer, text: str, chat: bool = False) -> torch.Tensor:
@@ -74,17 +76,17 @@ def target_ids(tokenizer, targets: str | Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 40, seed: int = 0,
-             temperature: float = 0.8, top_p: float = 0.95, repetition_penalty: float = 1.1,
+def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 40, sampling: Sampling | None = None,
              ctx: ContextManager | None = None) -> torch.Tensor:
-    """Sampled (temperature > 0) or greedy continuation ids `[n_new]`, with `ctx` (a steering block) active."""
-    torch.manual_seed(seed)
-    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-              pad_token_id=tokenizer.pad_token_id)
-    if temperature > 0:
-        kw.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
+    """Continuation ids `[n_new]` with `ctx` (a steering block) active, sampled with llama.cpp's chain
+    and defaults (analysis/steer_sampling.py): greedy when the temperature is ≤ 0."""
+    s = sampling or Sampling()
+    torch.manual_seed(s.seed)
+    sample = s.temperature > 0
+    # transformers' own warpers are switched off: the chain comes in llama.cpp's order from logits_processors
+    kw = dict(do_sample=sample, max_new_tokens=max_new_tokens, logits_processor=logits_processors(s),
+              pad_token_id=tokenizer.pad_token_id, repetition_penalty=None, min_p=None,
+              temperature=1.0 if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None)
     dev = next(model.parameters()).device
     with ctx or contextlib.nullcontext():
         out = model.generate(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), **kw)

@@ -106,11 +106,17 @@ def llama_cpp_index(point: str, n_layers: int) -> int:
 
 
 def save_gguf(sv: SteeringVector, path: str | Path, n_layers: int, coeff: float = 1.0,
-              model_hint: str | None = None) -> Path:
+              model_hint: str | None = None, n_embd: int | None = None) -> Path:
     """A llama.cpp control vector holding coeff × direction (so `--control-vector FILE` at strength 1
-    adds what `saeforge steer --coeff` added). Hook points sharing a slot are summed, as llama.cpp does."""
+    adds what `saeforge steer --coeff` added). Hook points sharing a slot are summed, as llama.cpp does.
+
+    Checked before writing, because llama.cpp ignores what it cannot use without a word: the width must
+    be the model's `n_embd`, and every slot must be one of blocks 1..n_layers−1."""
     import gguf
     p = _parent_ok(path, "--gguf")
+    if n_embd is not None and sv.d_model != n_embd:
+        raise UserError(f"--gguf {str(path)!r}: the direction has {sv.d_model} values but the model's n_embd is "
+                        f"{n_embd}; llama.cpp would not apply it — build the direction on this model")
     if sv.per_position():
         raise UserError("llama.cpp control vectors add one vector at every position; a per-position ActAdd "
                         "direction cannot be exported: use --read last or --read mean")

@@ -29,9 +29,8 @@ from saeforge.devices import check_device
 from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
 from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
 from saeforge.errors import UserError
-from collect.hooks import forward_to
-from collect.layers import discover_layout, parse_hook_points
-from collect.model import LoadedModel, ModelDtype, load_model, max_positions
+from collect.backends import BackendName, Backend, open_backend
+from collect.model import LoadedModel, ModelDtype
 from saeforge.progress import progress
 from saeforge.locks import exclusive
 from saeforge.urls import check_output_dir, join
@@ -56,6 +55,8 @@ class CollectConfig:
     dtype: StorageDtype = option("float16", "storage dtype (bfloat16 is stored as a uint16 view)")
     model_dtype: ModelDtype = option("float32", "compute dtype of the model")
     device: str = option("cpu", "cpu, cuda, cuda:1, …")
+    backend: BackendName = option("torch", "torch (transformers) or llama.cpp (a GGUF model run quantised by "
+                                           "llama.cpp; pip install 'saeforge[llama]')")
     out: str = option("runs/quickstart/store.zarr", "store path or fsspec URL")
     heldout_fraction: float = option(0.05, "share of documents held out")
     prepend_bos: bool = option(True, "start every sequence with BOS")
@@ -160,8 +161,7 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
 class _Run:
     """What every part of a run shares: the model, hook points, corpus and layout."""
     cfg: CollectConfig
-    loaded: LoadedModel
-    layout: Any
+    backend: Backend
     names: list[str]
     d_model: int
     docs: Any
@@ -170,13 +170,12 @@ class _Run:
     plan: ShardPlan
 
     def forward(self, batch: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        ids = torch.from_numpy(np.stack([s.tokens for s in batch]).astype(np.int64)).to(self.loaded.device)
-        t0 = time.perf_counter()
-        acts = forward_to(self.loaded.model, ids, self.names, layout=self.layout)
-        return ids.cpu(), {h: acts[h].float().cpu() for h in self.names}, time.perf_counter() - t0
+        ids = np.stack([s.tokens for s in batch])
+        acts, seconds = self.backend.forward(ids)
+        return torch.from_numpy(ids.astype(np.int64)), acts, seconds
 
     def sequences(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[Any]:
-        return pack_sequences(self.docs, self.loaded.tokenizer, self.cfg.context, prepend_bos=self.cfg.prepend_bos,
+        return pack_sequences(self.docs, self.backend.tokenizer, self.cfg.context, prepend_bos=self.cfg.prepend_bos,
                               heldout_fraction=self.cfg.heldout_fraction, rank=rank, world_size=world_size,
                               start=start)
 
@@ -187,26 +186,19 @@ class _Run:
 def _collect(cfg: CollectConfig, loaded: LoadedModel | None, ctx: DistContext) -> Store:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device, ctx.local_rank, ctx.world_size)
-    loaded = loaded or load_model(cfg.model, device, cfg.model_dtype)
-    model, tok = loaded.model, loaded.tokenizer
-    max_pos = max_positions(model)
-    if max_pos is not None and cfg.context > max_pos:
-        raise UserError(f"--context {cfg.context} is longer than {cfg.model!r} can attend over ({max_pos} positions); "
-                        f"use --context {max_pos} or less")
-    layout = discover_layout(model)
-    points = parse_hook_points(layout, cfg.hooks)
-    names = [p.name for p in points]
-    d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]  # HF method
+    backend = open_backend(cfg.backend, cfg.model, cfg.hooks, device, cfg.model_dtype, loaded)
+    tok, names, d_model = backend.tokenizer, backend.names, backend.d_model
+    if backend.max_positions is not None and cfg.context > backend.max_positions:
+        raise UserError(f"--context {cfg.context} is longer than {cfg.model!r} can attend over "
+                        f"({backend.max_positions} positions); use --context {backend.max_positions} or less")
     docs = load_documents(cfg.corpus, cfg.text_field)
     special_ids = sorted(set(getattr(tok, "all_special_ids", []) or []))
     row_bytes = d_model * np.dtype(storage_np_dtype(cfg.dtype)).itemsize * len(names) + META_BYTES_PER_ROW
     plan = ShardPlan.for_rows(cfg.context, row_bytes, cfg.shard_rows)
-    run = _Run(cfg, loaded, layout, names, d_model, docs, special_ids, row_bytes, plan)
+    run = _Run(cfg, backend, names, d_model, docs, special_ids, row_bytes, plan)
     attrs = {
-        "model": cfg.model, "model_hash": loaded.weights_hash, "model_class": type(model).__name__,
-        "tokenizer": getattr(tok, "name_or_path", "") or cfg.model,
-        "hook_points": names, "hook_modules": {p.name: p.module for p in points},
-        "d_model": d_model, "n_layers": layout.n_layers, "dtype": cfg.dtype, "context": cfg.context,
+        "model": cfg.model, **backend.attrs(), "hook_points": names,
+        "d_model": d_model, "dtype": cfg.dtype, "context": cfg.context,
         "corpus": describe_corpus(cfg.corpus, cfg.text_field), "heldout_fraction": cfg.heldout_fraction,
         "prepend_bos": cfg.prepend_bos, "outlier_norm": cfg.outlier_norm, "rank": 0, "world_size": ctx.world_size,
         "saeforge_version": saeforge.__version__, "config": config_dict(cfg),

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "steer": ("analysis.steer_cli", "steering directions and steered generation"),
     "lens": ("analysis.lens_cli", "logit lens over layers"),
     "patch": ("analysis.patch_cli", "activation patching"),
+    "compare-backends": ("analysis.compare_backends_cli", "llama.cpp's layer outputs vs the PyTorch model's"),
 }
 
 

@@ -2,15 +2,13 @@
 padding (position_ids for Llama, cache_position for GPT-2), ablation, SAE clamping, per-position rows."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from analysis.directions import SteeringVector, from_sae, load_sae_latent
 from analysis.steer_apply import random_like, steer
-from saeforge.errors import UserError
 from collect.hooks import hooks
+from saeforge.errors import UserError
 from tests.tiny_models import tiny_model
 
 POINT = "layers.1.resid_post"
@@ -115,22 +113,45 @@ def test_ablate_removes_the_projection_and_keeps_the_rest():
     torch.testing.assert_close(edited[0], plain[0] - (plain[0] @ u).unsqueeze(-1) * u)
 
 
-def _tiny_sae(path, d_in=32, d_sae=8, arch="relu", k=None, hook_point=POINT):
-    from safetensors.torch import save_file
+def _tiny_sae(path, arch="relu", k=3, d_in=32, d_sae=8, hook_point=POINT):
+    """A real SAE directory (sae.io.save_sae) with orthonormal decoder rows (W_enc = W_decᵀ), b_enc 0.5."""
+    from sae.architectures import ArchConfig, build_sae
+    from sae.io import save_sae
+    sae = build_sae(ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k))
     q, _ = torch.linalg.qr(torch.randn(d_in, d_sae, generator=torch.Generator().manual_seed(3)))
-    W_dec = q.T.contiguous()                       # orthonormal rows: clamp lands exactly on the value
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": W_dec.T.contiguous(), "b_enc": torch.full((d_sae,), 0.5), "W_dec": W_dec,
-               "b_dec": torch.zeros(d_in)}, str(path / "sae.safetensors"))
-    (path / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": d_in, "d_sae": d_sae, "k": k,
-                                               "hook_point": hook_point, "model": "tiny-llama"}))
-    return path
+    with torch.no_grad():
+        sae.W_dec.copy_(q.T)
+        sae.enc.copy_(q.T)
+        sae.b_enc.fill_(0.5)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)     # the saved inference threshold: more than k latents pass it
+        if arch == "jumprelu":
+            sae.log_threshold.fill_(float(torch.tensor(0.3).log()))
+    return save_sae(sae, path, meta={"hook_point": hook_point, "model": "tiny-llama"})
 
 
-@pytest.mark.parametrize("arch,k", [("relu", None), ("topk", 3)])
-def test_clamp_sets_the_latent_to_the_value(tmp_path, arch, k):
+ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_latent_reads_with_the_sae_modules_own_rule(tmp_path, arch):
+    """Regression (issue 12, bug 1): a BatchTopK latent was read with the TopK rule, not its threshold."""
+    from sae.io import load_sae
+    path = _tiny_sae(tmp_path / "sae", arch=arch, k=2)
+    sae = load_sae(path)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    dense = sae.encode(x)
+    for i in range(8):
+        latent, _ = load_sae_latent(path, i)
+        torch.testing.assert_close(latent.encode(x), dense[:, i])
+    if arch == "batchtopk":   # the test tells the rules apart: the threshold admits latents TopK-2 drops
+        assert ((dense > 0).sum(-1) > 2).any()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_clamp_sets_the_latent_to_the_value(tmp_path, arch):
     model = tiny_model("llama")
-    sae = _tiny_sae(tmp_path / "sae", arch=arch, k=k)
+    sae = _tiny_sae(tmp_path / "sae", arch=arch, k=3)
     latent, _ = load_sae_latent(sae, 2)
     sv = from_sae(model, sae, 2)
     assert sv.points == [POINT]
@@ -144,7 +165,7 @@ def test_clamp_sets_the_latent_to_the_value(tmp_path, arch, k):
         model(input_ids=ids, use_cache=False)
     a = latent.encode(plain[0])
     torch.testing.assert_close(got[0], plain[0] + (7.0 - a).unsqueeze(-1) * latent.d_dec, atol=1e-5, rtol=1e-5)
-    # where the latent was on, the clamped activation reads back as the value (orthonormal decoder)
+    # where the latent was on, the clamped activation reads back as the value (orthonormal decoder, W_enc = W_decᵀ)
     on = a > 0
     assert on.any()
     torch.testing.assert_close(latent.encode(got[0])[on], torch.full((int(on.sum()),), 7.0), atol=1e-4, rtol=1e-4)

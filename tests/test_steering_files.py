@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from analysis.directions import SteeringVector
-from analysis.steer_files import (llama_cpp_index, load_gguf, load_safetensors, save_bin, save_gguf, save_npy,
-                                  save_safetensors)
+from analysis.steer_files import (
+    llama_cpp_index,
+    load_gguf,
+    load_safetensors,
+    save_bin,
+    save_gguf,
+    save_npy,
+    save_safetensors,
+)
 from saeforge.errors import UserError
 
 D = 16

@@ -11,8 +11,9 @@ import torch
 from analysis.directions import actadd
 from analysis.steer_apply import steer
 from analysis.steer_eval import NEUTRAL, encode, generate, sweep, target_ids
-from saeforge.errors import run_cli
+from analysis.steer_sampling import Sampling
 from collect.hooks import hooks
+from saeforge.errors import run_cli
 
 SOURCE, INJECT, COEFF = "layers.4.resid_post", "layers.6.resid_post", 4.0
 
@@ -25,7 +26,7 @@ def love(smollm2):
 def test_love_minus_hate_raises_positive_words_more_than_random(smollm2, love):
     model, tok = smollm2.model, smollm2.tokenizer
     ids = encode(tok, "I hate you because")
-    cont = generate(model, tok, ids, max_new_tokens=6, temperature=0)
+    cont = generate(model, tok, ids, max_new_tokens=6, sampling=Sampling(temperature=0))
     rows = sweep(model, tok, love, [COEFF], ids, target_ids(tok, " love, happy, great"), NEUTRAL[:1], cont=cont)
     r = rows[0]
     assert r.dlogp > 0.5, r
@@ -120,25 +121,70 @@ def test_cli_user_errors_exit_2(smollm2, monkeypatch, capsys):
 
 
 def test_cli_sae_latent_clamp_exports_the_decoder_row(smollm2, tmp_path, monkeypatch, capsys):
-    import json
-
-    from safetensors.torch import save_file
-
     import collect.model
     from analysis.steer_cli import main
     from analysis.steer_files import load_gguf
     monkeypatch.setattr(collect.model, "load_model", lambda *a, **k: smollm2)
+    from sae.architectures import ArchConfig, build_sae
+    from sae.io import save_sae
     g = torch.Generator().manual_seed(0)
     W_dec = torch.nn.functional.normalize(torch.randn(8, 576, generator=g), dim=-1)
-    sae = tmp_path / "sae"
-    sae.mkdir()
-    save_file({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(8), "W_dec": W_dec, "b_dec": torch.zeros(576)},
-              str(sae / "sae.safetensors"))
-    (sae / "cfg.json").write_text(json.dumps({"architecture": "relu", "d_in": 576, "d_sae": 8,
-                                              "hook_point": "layers.6.resid_post", "model": "smollm2-135m"}))
+    model = build_sae(ArchConfig(arch="relu", d_in=576, d_sae=8))
+    with torch.no_grad():
+        model.W_dec.copy_(W_dec)
+        model.enc.copy_(W_dec)
+    sae = save_sae(model, tmp_path / "sae", meta={"hook_point": "layers.6.resid_post", "model": "smollm2-135m"})
     rc = run_cli(main, ["--sae", str(sae), "--latent", "3", "--op", "clamp", "--coeff", "5", "--no-generate",
                         "--gguf", str(tmp_path / "f.gguf"), "--quiet"])
     assert rc == 0, capsys.readouterr()
     got = load_gguf(tmp_path / "f.gguf")
     assert list(got) == [6]
     np.testing.assert_allclose(got[6], W_dec[3].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("args", [["--layer", "4,6"], ["--layer", "6", "--read", "per_position"]],
+                         ids=["two-layers", "per-position"])
+def test_cli_exports_exactly_what_the_hook_added(smollm2, tmp_path, monkeypatch, capsys, args):
+    """Regression (issue 12, bug 5): with --coeff-relative the exports used the first point's scale and
+    the Frobenius norm, the hook a per-point scale and the largest row norm. Here each point's direction
+    is read at itself (different norms) and each point's typical norm is measured (different scales)."""
+    import collect.model
+    from analysis.steer_cli import main
+    from analysis.steer_eval import typical_norm
+    from analysis.steer_files import load_gguf, load_safetensors
+    monkeypatch.setattr(collect.model, "load_model", lambda *a, **k: smollm2)
+    out = tmp_path / "v"
+    gguf = [] if "per_position" in args else ["--gguf", f"{out}.gguf"]
+    rc = run_cli(main, ["--add", "Love", "--sub", "Hate", *args, "--coeff", "0.5", "--coeff-relative",
+                        "--no-generate", "--save", f"{out}.safetensors", "--npy", f"{out}.npy", *gguf, "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    sv = load_safetensors(f"{out}.safetensors")
+    scales = {p: typical_norm(smollm2.model, smollm2.tokenizer, p) for p in sv.points}
+    ids = encode(smollm2.tokenizer, "Steering vectors are added to the residual stream here.")
+    before: dict = {}
+    after: dict = {}
+
+    def rec(d, p):
+        def fn(x, call):
+            d[p] = x.detach().clone()
+        return fn
+    with hooks(smollm2.model, {p: rec(before, p) for p in sv.points}):      # sees the input of the edit
+        with steer(smollm2.model, sv, coeff=0.5, norm_scale=scales):
+            with hooks(smollm2.model, {p: rec(after, p) for p in sv.points}):   # sees its output
+                smollm2.model(input_ids=ids, use_cache=False)
+    rows = np.load(f"{out}.npy")   # [points, d] for several layers, [positions, d] for a per-position direction
+    exported = {p: rows[i] for i, p in enumerate(sv.points)} if len(sv.points) > 1 else {sv.points[0]: rows}
+    for p, v in exported.items():
+        added = (after[p] - before[p])[0].numpy()           # [positions, d]: what the hook added there
+        want = np.zeros_like(added)
+        if v.ndim == 1:
+            want[:] = v
+        else:                                               # row q at absolute position q, nothing beyond
+            n = min(len(v), len(want))
+            want[:n] = v[:n]
+        np.testing.assert_allclose(added, want, atol=2e-3, rtol=1e-4)
+        if gguf:
+            np.testing.assert_allclose(load_gguf(f"{out}.gguf")[int(p.split(".")[1])], v, rtol=1e-6)
+    if len(sv.points) > 1:   # the two points get different effective coefficients
+        c = [np.linalg.norm(exported[p]) / float(sv.directions[p].norm()) for p in sv.points]
+        assert abs(c[0] - c[1]) > 0.05 * max(c)
