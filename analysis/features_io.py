@@ -232,12 +232,11 @@ def write_features(out: str | os.PathLike[str], stats: FeatureStats, vocab: list
     doc = {"format": FORMAT, "version": VERSION, **meta,
            "layout": {"n_latents": d, "shard_size": shard_size, "n_shards": lay.n_shards, "window": lay.window,
                       "top": lay.top, "quantile_slots": lay.quantile_slots, "n_quantiles": n_quantiles,
-                      "token_dtype": lay.token_dtype, "top_tokens": TOP_TOKENS, "vocab_size": len(vocab)}}
-    dens, mx = stats.density.tolist(), stats.max_act.tolist()
-    mean, mean_a = stats.mean_act.tolist(), stats.mean_act_active.tolist()
-    cols = {"label": labels,
-            "density": [_sig(v) for v in dens], "max": [_sig(v) for v in mx], "mean": [_sig(v) for v in mean],
-            "mean_active": [_sig(v) for v in mean_a], "count": stats.count.tolist(),
+                      "token_dtype": lay.token_dtype, "top_tokens": TOP_TOKENS, "vocab_size": len(vocab),
+                      "n_rows": stats.n_rows}}
+    # density is count / layout.n_rows (the viewer and load_index derive it)
+    cols = {"label": labels, "count": stats.count.tolist(),
+            "max": [_sig(v) for v in stats.max_act.tolist()], "mean": [_sig(v, 3) for v in stats.mean_act.tolist()],
             "top_tokens": top_tokens.reshape(-1).tolist()}
     write_text_file(out / DATA / "vocab.js", js_call("vocab", vocab))
     write_text_file(out / DATA / "index.js", js_call("index", {**doc, "columns": cols}))
@@ -281,12 +280,15 @@ def features_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def load_index(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The index (meta, layout and one column per statistic: label, density, max, mean, count, …)."""
+    """The index (meta, layout and one column per statistic: label, count, density, max, mean, top_tokens)."""
     load_features(path)
     f = features_dir(path) / DATA / "index.js"
     if not f.is_file():
         raise UserError(f"{str(f)!r} is missing; rerun `saeforge features`")
-    return read_js_call(f, "index")
+    doc = read_js_call(f, "index")
+    n = max(int(doc["layout"]["n_rows"]), 1)
+    doc["columns"]["density"] = [c / n for c in doc["columns"]["count"]]
+    return doc
 
 
 def load_vocab(path: str | os.PathLike[str]) -> list[str]:

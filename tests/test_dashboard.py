@@ -195,6 +195,7 @@ def test_screenshots_hold_the_views(browser, small):  # noqa: F811
     i = max(range(40), key=lambda j: idx["count"][j])
     w = open_viewer(browser, small)
     p = w.page
+    p.wait_for_selector("#density svg rect", state="attached")
     shot = p.screenshot()
     img = pixels(shot)
     green = colour_fraction(img, (0x4a, 0x8f, 0x5a), 30)

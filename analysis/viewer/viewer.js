@@ -208,7 +208,7 @@
     const o = new Int32Array(n);
     for (let i = 0; i < n; i++) o[i] = i;
     if (key === "label") {
-      const lab = st.lower;
+      const lab = lowerLabels();
       o.sort(function (a, b) { return (lab[a] < lab[b] ? -1 : lab[a] > lab[b] ? 1 : a - b) * dir; });
     } else if (key !== "index" || dir !== 1) {
       const v = Float64Array.from(column(key), function (x) { return Number.isNaN(x) ? -Infinity : x; });
@@ -216,12 +216,23 @@
     }
     return o;
   }
+  function lowerLabels() {
+    if (!st.lower) st.lower = st.index.columns.label.map(function (s) { return s.toLowerCase(); });
+    return st.lower;
+  }
   function tokenMatches(q) {
     // vocabulary ids whose text, trimmed and lower-cased, equals the query
-    const want = q.trim().toLowerCase(), out = new Set();
-    if (!want || !st.vocab) return out;
-    st.vocab.forEach(function (s, i) { if (s.trim().toLowerCase() === want) out.add(i); });
-    return out;
+    const want = q.trim().toLowerCase();
+    if (!want || !st.vocab) return new Set();
+    if (!st.vocabKey) {
+      st.vocabKey = new Map();
+      st.vocab.forEach(function (s, i) {
+        const k = s.trim().toLowerCase();
+        if (!st.vocabKey.has(k)) st.vocabKey.set(k, []);
+        st.vocabKey.get(k).push(i);
+      });
+    }
+    return new Set(st.vocabKey.get(want) || []);
   }
   function applyFilter() {
     const t0 = performance.now();
@@ -232,13 +243,13 @@
     const dmin = parseFloat(document.getElementById("dmin").value), dmax = parseFloat(document.getElementById("dmax").value);
     const exact = /^#?\d+$/.test(q) ? parseInt(q.replace("#", ""), 10) : -1;
     const toks = tokenMatches(tq), per = st.index.layout.top_tokens, tt = c.top_tokens;
-    const order = st.order, dens = c.density, out = [];
+    const order = st.order, dens = c.density, out = [], lower = q ? lowerLabels() : null;
     for (let k = 0; k < n; k++) {
       const i = order[k];
       if (alive && !(c.count[i] > 0)) continue;
       if (!Number.isNaN(dmin) && !(dens[i] >= dmin)) continue;
       if (!Number.isNaN(dmax) && !(dens[i] <= dmax)) continue;
-      if (q && i !== exact && st.lower[i].indexOf(q) < 0 && !(st.explLower && st.explLower[i].indexOf(q) >= 0)) continue;
+      if (q && i !== exact && lower[i].indexOf(q) < 0 && !(st.explLower && st.explLower[i].indexOf(q) >= 0)) continue;
       if (tq.trim()) {
         let hit = false;
         for (let j = 0; j < per; j++) if (toks.has(tt[i * per + j])) { hit = true; break; }
@@ -289,7 +300,7 @@
   }
   function densityChart() {
     const d = st.index.columns.density, logs = [];
-    for (const v of d) if (v > 0) logs.push(Math.log10(v));
+    for (let i = 0; i < d.length; i++) if (d[i] > 0) logs.push(Math.log10(d[i]));
     const box = document.getElementById("density");
     box.replaceChildren();
     if (!logs.length) return;
@@ -309,15 +320,13 @@
       h.addEventListener("click", function () { setSort(c.key); });
       head.appendChild(h);
     });
-    let timer = null;
-    const later = function () { clearTimeout(timer); timer = setTimeout(applyFilter, 60); };
-    ["q", "tok", "dmin", "dmax"].forEach(function (id) { document.getElementById(id).addEventListener("input", later); });
+    ["q", "tok", "dmin", "dmax"].forEach(function (id) { document.getElementById(id).addEventListener("input", applyFilter); });
     document.getElementById("alive").addEventListener("change", applyFilter);
     const list = document.getElementById("list");
     list.addEventListener("scroll", function () { requestAnimationFrame(function () { renderRows(false); }); });
     window.addEventListener("resize", function () { renderRows(true); });
     st.order = sortOrder();
-    densityChart();
+    setTimeout(densityChart, 0);  // decoration: after the table is usable
   }
 
   // ---- one latent ---------------------------------------------------------------------------
@@ -542,25 +551,32 @@
   async function start() {
     const t0 = performance.now();
     try { await loadScript("data/index.js"); } catch (e) { fail("data/index.js not found: run `saeforge features` (or `saeforge dashboard DIR`)"); return; }
+    S.timings.indexLoadedAt = performance.now();
     if (!st.index) { fail("data/index.js did not register an index"); return; }
-    st.vocabReady = loadScript("data/vocab.js").then(function () { if (st.index && document.getElementById("tok").value) applyFilter(); });
+    st.vocabReady = loadScript("data/vocab.js").then(function () {
+      S.timings.vocabAt = performance.now();
+      if (st.index && document.getElementById("tok").value) applyFilter();
+    });
     const explReady = loadScript("data/explanations.js").catch(function () { return null; });  // older dirs lack it
     const liveReady = location.protocol.startsWith("http") ? api("info").then(function (d) { st.live = d; }).catch(function () { return null; }) : Promise.resolve();
-    const m = st.index, n = m.layout.n_latents;
-    st.lower = m.columns.label.map(function (s) { return s.toLowerCase(); });
+    const m = st.index, n = m.layout.n_latents, cnt = m.columns.count, rowsN = Math.max(m.layout.n_rows || 0, 1);
+    const dens = new Float64Array(n);
+    let dead = 0;
+    for (let i = 0; i < n; i++) { dens[i] = cnt[i] / rowsN; if (!(cnt[i] > 0)) dead++; }
+    m.columns.density = dens;
     const hp = m.sae && m.sae.hook_point;
     document.getElementById("meta").textContent = [m.model, hp, m.sae && m.sae.architecture, "d_sae=" + n,
       m.store ? (m.store.rows_counted + " tokens [" + m.store.split + "]") : null].filter(Boolean).join(" · ");
     document.title = "saeforge latents " + (hp || "");
     buildIndex();
     document.getElementById("status").hidden = true;
-    st.view = Array.from(st.order);
+    st.view = st.order;
     document.getElementById("spacer").style.height = n * st.rowH + "px";
-    document.getElementById("shown").textContent = n.toLocaleString("en") + " latents · " +
-      m.columns.count.filter(function (x) { return !(x > 0); }).length + " never fired";
+    document.getElementById("shown").textContent = n.toLocaleString("en") + " latents · " + dead + " never fired";
     route();
     window.addEventListener("hashchange", route);
     S.timings.index = performance.now() - t0;
+    S.timings.readyAt = performance.now();  // since navigation start
     S.ready = true;
     explReady.then(function () {
       if (!st.expl) return;
