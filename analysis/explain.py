@@ -267,6 +267,8 @@ def explain_latents(out: str | Path, explainer: ChatModel, scorer: ChatModel, se
     fp = fingerprint(doc)
     header = settings.header(fp)
     path = out / JSONL
+    cols = load_index(out)["columns"]
+    wanted = choose_latents(cols["count"], latents, limit)  # checked before anything is written
     if overwrite and path.exists():
         path.unlink()
     old, done = read_jsonl(path)
@@ -278,8 +280,7 @@ def explain_latents(out: str | Path, explainer: ChatModel, scorer: ChatModel, se
         path.unlink(missing_ok=True)
         _append(path, [{"header": header}])
         done = {}
-    cols = load_index(out)["columns"]
-    todo = [i for i in choose_latents(cols["count"], latents, limit) if i not in done]
+    todo = [i for i in wanted if i not in done]
     if todo and negatives is None:
         negatives = sample_negatives(doc, reader.vocab, n_contexts=max(256, 8 * settings.n_test), seed=settings.seed,
                                      device=device)

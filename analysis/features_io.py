@@ -234,11 +234,13 @@ def write_features(out: str | os.PathLike[str], stats: FeatureStats, vocab: list
                       "top": lay.top, "quantile_slots": lay.quantile_slots, "n_quantiles": n_quantiles,
                       "token_dtype": lay.token_dtype, "top_tokens": TOP_TOKENS, "vocab_size": len(vocab),
                       "n_rows": stats.n_rows}}
-    # density is count / layout.n_rows (the viewer and load_index derive it)
-    cols = {"label": labels, "count": stats.count.tolist(),
-            "max": [_sig(v) for v in stats.max_act.tolist()], "mean": [_sig(v, 3) for v in stats.mean_act.tolist()],
-            "top_tokens": top_tokens.reshape(-1).tolist()}
+    # What the index needs first, in the form a browser parses fastest: labels as one string (one per
+    # line), three numeric columns; density is count / layout.n_rows. The top tokens (for search by
+    # token) load beside the vocabulary, after the index is usable.
+    cols = {"labels": "\n".join(s.replace("\n", "↵") for s in labels), "count": stats.count.tolist(),
+            "max": [_sig(v) for v in stats.max_act.tolist()], "mean": [_sig(v, 3) for v in stats.mean_act.tolist()]}
     write_text_file(out / DATA / "vocab.js", js_call("vocab", vocab))
+    write_text_file(out / DATA / "tokens.js", js_call("tokens", top_tokens.reshape(-1).tolist()))
     write_text_file(out / DATA / "index.js", js_call("index", {**doc, "columns": cols}))
     write_json(str(out / "features.json"), doc)
     return out
@@ -280,14 +282,18 @@ def features_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def load_index(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The index (meta, layout and one column per statistic: label, count, density, max, mean, top_tokens)."""
+    """The index: meta, layout and one list per statistic (label, count, density, max, mean, and
+    top_tokens: `layout.top_tokens` ids per latent, −1 padded)."""
     load_features(path)
     f = features_dir(path) / DATA / "index.js"
     if not f.is_file():
         raise UserError(f"{str(f)!r} is missing; rerun `saeforge features`")
     doc = read_js_call(f, "index")
-    n = max(int(doc["layout"]["n_rows"]), 1)
-    doc["columns"]["density"] = [c / n for c in doc["columns"]["count"]]
+    cols = doc["columns"]
+    n = max(int(doc["layout"].get("n_rows") or 0), 1)
+    cols["label"] = cols.pop("labels").split("\n")
+    cols["density"] = [c / n for c in cols["count"]]
+    cols["top_tokens"] = read_js_call(features_dir(path) / DATA / "tokens.js", "tokens")
     return doc
 
 

@@ -31,6 +31,11 @@ from analysis.features_synthetic import synthetic_logits, synthetic_stats  # noq
 TARGET_BYTES, TARGET_INDEX_MS, TARGET_LATENT_MS = 4096, 1000.0, 200.0
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 PAINT = "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+# type into a search box and wait until the count of shown latents has changed
+TYPE = ("const s = document.getElementById('shown'), before = s.textContent, q = document.getElementById('{box}'); "
+        "q.value = '{text}'; q.dispatchEvent(new Event('input')); "
+        "await new Promise(res => {{ const t = setInterval(() => {{ if (s.textContent !== before) "
+        "{{ clearInterval(t); res(); }} }}, 1); }})")
 
 
 def dir_bytes(d: Path) -> tuple[int, int, int]:
@@ -95,17 +100,11 @@ def browser_report(d: Path, n: int, reps: int, seed: int) -> None:
             sorts.append(measure(page, "document.querySelector('#head span[data-key=max]').click()"))
             sorts.append(measure(page, "document.querySelector('#head span[data-key=density]').click()"))
             filters.append(measure(page, "document.getElementById('alive').click()"))
-            searches.append(measure(page, "const q = document.getElementById('q'); q.value = 'the'; "
-                                          "q.dispatchEvent(new Event('input')); const s = document.getElementById('shown'); "
-                                          "const before = s.textContent; await new Promise(res => { const t = setInterval("
-                                          "() => { if (s.textContent !== before) { clearInterval(t); res(); } }, 2); })"))
+            searches.append(measure(page, TYPE.format(box="q", text="the")))
             page.wait_for_function("() => saeforge.timings.vocabAt !== undefined", timeout=60000)
             vocab_at.append(page.evaluate("saeforge.timings.vocabAt"))
-            page.evaluate("document.getElementById('q').value = ''")
-            toks.append(measure(page, "const q = document.getElementById('tok'); q.value = 'the'; "
-                                      "q.dispatchEvent(new Event('input')); const s = document.getElementById('shown'); "
-                                      "const before = s.textContent; await new Promise(res => { const t = setInterval("
-                                      "() => { if (s.textContent !== before) { clearInterval(t); res(); } }, 2); })"))
+            page.evaluate("const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'))")
+            toks.append(measure(page, TYPE.format(box="tok", text="the")))
             for i in rng.integers(0, n, max(1, reps // 3)).tolist():
                 page.evaluate(f"location.hash = '#/latent/{i}'")
                 page.wait_for_function(f"() => saeforge.timings.latentIndex === {i} && saeforge.timings.latent !== null")

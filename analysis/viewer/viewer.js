@@ -16,6 +16,7 @@
   // ---- data callbacks (called by the data files) ---------------------------------------------
   S.index = function (doc) { st.index = doc; };
   S.vocab = function (v) { st.vocab = v; };
+  S.tokens = function (t) { st.topTokens = t; };
   S.explanations = function (doc) { st.expl = doc; };
   S.shard = function (s, b64) {
     const w = st.shardWaiters.get(s);
@@ -224,6 +225,9 @@
     // vocabulary ids whose text, trimmed and lower-cased, equals the query
     const want = q.trim().toLowerCase();
     if (!want || !st.vocab) return new Set();
+    return new Set(vocabKey().get(want) || []);
+  }
+  function vocabKey() {
     if (!st.vocabKey) {
       st.vocabKey = new Map();
       st.vocab.forEach(function (s, i) {
@@ -232,7 +236,7 @@
         st.vocabKey.get(k).push(i);
       });
     }
-    return new Set(st.vocabKey.get(want) || []);
+    return st.vocabKey;
   }
   function applyFilter() {
     const t0 = performance.now();
@@ -242,7 +246,7 @@
     const alive = document.getElementById("alive").checked;
     const dmin = parseFloat(document.getElementById("dmin").value), dmax = parseFloat(document.getElementById("dmax").value);
     const exact = /^#?\d+$/.test(q) ? parseInt(q.replace("#", ""), 10) : -1;
-    const toks = tokenMatches(tq), per = st.index.layout.top_tokens, tt = c.top_tokens;
+    const toks = tokenMatches(tq), per = st.index.layout.top_tokens, tt = st.topTokens || [];
     const order = st.order, dens = c.density, out = [], lower = q ? lowerLabels() : null;
     for (let k = 0; k < n; k++) {
       const i = order[k];
@@ -550,16 +554,21 @@
 
   async function start() {
     const t0 = performance.now();
+    // a latent opened directly needs the vocabulary as soon as the index: load both at once then
+    const early = /^#\/latent\//.test(location.hash) ? loadScript("data/vocab.js") : null;
     try { await loadScript("data/index.js"); } catch (e) { fail("data/index.js not found: run `saeforge features` (or `saeforge dashboard DIR`)"); return; }
     S.timings.indexLoadedAt = performance.now();
     if (!st.index) { fail("data/index.js did not register an index"); return; }
-    st.vocabReady = loadScript("data/vocab.js").then(function () {
-      S.timings.vocabAt = performance.now();
-      if (st.index && document.getElementById("tok").value) applyFilter();
-    });
+    st.vocabReady = early || loadScript("data/vocab.js");
+    Promise.all([st.vocabReady, loadScript("data/tokens.js")]).then(function () {
+      vocabKey();
+      S.timings.vocabAt = performance.now();  // search by token works from here
+      if (document.getElementById("tok").value) applyFilter();
+    }).catch(function (e) { fail(e.message); });
     const explReady = loadScript("data/explanations.js").catch(function () { return null; });  // older dirs lack it
     const liveReady = location.protocol.startsWith("http") ? api("info").then(function (d) { st.live = d; }).catch(function () { return null; }) : Promise.resolve();
     const m = st.index, n = m.layout.n_latents, cnt = m.columns.count, rowsN = Math.max(m.layout.n_rows || 0, 1);
+    m.columns.label = m.columns.labels.split("\n");
     const dens = new Float64Array(n);
     let dead = 0;
     for (let i = 0; i < n; i++) { dens[i] = cnt[i] / rowsN; if (!(cnt[i] > 0)) dead++; }
