@@ -64,21 +64,18 @@ def excerpt(tokens: list[str], values: list[float] | None = None, mark: float = 
     return "".join(parts).strip().replace(">><<", "")
 
 
-# one worked example, so that small models answer in the expected form
-DEMO_USER = ("Excerpts:\n1. the price rose to<< 40>> dollars in\n2. a town about<< 3>> miles north of\n"
-             "3. was founded in<< 1990>> by a group\nMost marked tokens: 40, 3, 1990\n\n"
-             "In one sentence, what does the feature respond to?")
-DEMO_ANSWER = "Numbers: amounts, distances and years."
+PRIME = "The feature fires on words such as"  # a local model continues this reply: small models then answer in form
 
 
-def explain_prompt(examples: list[dict[str, Any]]) -> Conversation:
+def explain_prompt(examples: list[dict[str, Any]], prime: bool = False) -> Conversation:
+    """The explainer's conversation; with `prime`, the reply is begun for the model to continue."""
     lines = "\n".join(f"{j + 1}. {excerpt(a['tokens'], a['values'])}" for j, a in enumerate(examples))
     marked = Counter(m.strip() for a in examples for m in re.findall(r"<<(.+?)>>", excerpt(a["tokens"], a["values"])))
-    common = ", ".join(t for t, _ in marked.most_common(5) if t)
-    return [{"role": "system", "content": EXPLAIN_SYSTEM},
-            {"role": "user", "content": DEMO_USER}, {"role": "assistant", "content": DEMO_ANSWER},
-            {"role": "user", "content": f"Excerpts:\n{lines}\nMost marked tokens: {common}\n\n"
+    common = ", ".join(f'"{t}"' for t, _ in marked.most_common(5) if t)
+    conv = [{"role": "system", "content": EXPLAIN_SYSTEM},
+            {"role": "user", "content": f"Excerpts:\n{lines}\n\nMost often marked: {common}\n\n"
                                         f"In one sentence, what does the feature respond to?"}]
+    return conv + [{"role": "assistant", "content": PRIME}] if prime else conv
 
 
 def detect_prompt(explanation: str, text: str) -> Conversation:
@@ -91,7 +88,7 @@ def clean_explanation(text: str) -> str:
     """The first sentence of a reply, without quotes, list marks or a leading "Answer:"."""
     t = text.strip().split("\n")[0].strip()
     t = re.sub(r"^(answer|explanation|sentence)\s*:\s*", "", t, flags=re.I).strip(" \"'*-")
-    m = re.match(r"(.+?[.!?])(\s|$)", t)
+    m = re.match(r"(.+?[.!?][\"”']?)(\s|$)", t)
     t = m.group(1) if m else t
     return t[:300] or "(no explanation)"
 
@@ -190,6 +187,14 @@ def sample_negatives(doc: dict[str, Any], vocab: list[str], n_contexts: int = 25
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+def prompts_version() -> str:
+    """A hash of the prompts: results made with other prompts are not mixed into one file."""
+    import hashlib
+    text = "\0".join((EXPLAIN_SYSTEM, PRIME, DETECT_SYSTEM, detect_prompt("E", "X")[-1]["content"],
+                      explain_prompt([], False)[-1]["content"]))
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
 @dataclass
 class ExplainSettings:
     explainer: str
@@ -200,7 +205,8 @@ class ExplainSettings:
     seed: int = 0
 
     def header(self, fp: str) -> dict[str, Any]:
-        return {"format": EXPLANATIONS_FORMAT, "features_fingerprint": fp, "explainer": self.explainer,
+        return {"format": EXPLANATIONS_FORMAT, "features_fingerprint": fp, "prompts": prompts_version(),
+                "explainer": self.explainer,
                 "scorer": self.scorer, "n_shown": self.n_shown, "n_test": self.n_test,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                 "method": "detection, one excerpt per prompt; score = balanced accuracy"}
@@ -290,7 +296,10 @@ def explain_latents(out: str | Path, explainer: ChatModel, scorer: ChatModel, se
         group = todo[a:a + batch]
         recs = [reader.latent(i) for i in group]
         tops = [[x for x in r["activations"] if x["kind"] == "top"][:settings.n_shown] for r in recs]
-        texts = explainer.generate([explain_prompt(t) for t in tops], settings.max_new_tokens)
+        prime = getattr(explainer, "continues", False)
+        texts = explainer.generate([explain_prompt(t, prime) for t in tops], settings.max_new_tokens)
+        if prime:
+            texts = [f"{PRIME} {t.strip()}" for t in texts]
         convs, spans, results = [], [], []
         for i, r, t in zip(group, recs, texts):
             pos = [excerpt(x["tokens"]) for x in r["activations"] if x["kind"] == "quantile"][:settings.n_test]

@@ -29,6 +29,7 @@ NO = ("No", " No", "no", " no", "NO")
 
 class ChatModel(Protocol):
     name: str
+    continues: bool  # True: a conversation ending in an assistant message is continued, not answered
 
     def generate(self, conversations: list[Conversation], max_new_tokens: int) -> list[str]: ...
 
@@ -37,6 +38,8 @@ class ChatModel(Protocol):
 
 class LocalChat:
     """A causal LM in this process (collect.model.LoadedModel), `batch_size` conversations per forward."""
+
+    continues = True
 
     def __init__(self, lm: Any, batch_size: int = 16):
         self.lm, self.batch_size, self.name = lm, batch_size, lm.spec
@@ -49,7 +52,8 @@ class LocalChat:
 
     def _batch(self, conversations: list[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.lm.tokenizer
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=c[-1]["role"] != "assistant",
+                                         continue_final_message=c[-1]["role"] == "assistant") for c in conversations]
         side = tok.padding_side
         tok.padding_side = "left"
         try:
@@ -87,6 +91,7 @@ class LocalChat:
 
 class EndpointChat:
     """An OpenAI-compatible /chat/completions endpoint, one request per conversation."""
+    continues = False
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float = 120.0):
         base = url.rstrip("/")
