@@ -1,4 +1,7 @@
-"""`saeforge dashboard DIR`: re-render the HTML dashboard from DIR/features.json."""
+"""`saeforge dashboard DIR`: re-render the viewer of a features directory from its data.
+
+Copies the current viewer (index.html, viewer.js, viewer.css) into DIR and rewrites
+data/explanations.js from DIR/explanations.json when `saeforge explain` has written one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +14,7 @@ from saeforge.errors import UserError
 @dataclass
 class DashboardConfig:
     dir: str = option("", "output directory of `saeforge features`", positional=True)
-    latents: list[int] | None = option(None, "only these latent pages (comma-separated)")
-    quiet: bool = option(False, "no progress bars")
+    quiet: bool = option(False, "print nothing but errors")
 
     def validate(self) -> None:
         if not self.dir:
@@ -20,15 +22,12 @@ class DashboardConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from analysis.dashboard import render_dashboard
-    from analysis.features import load_features
+    from analysis.dashboard import install_viewer, refresh_explanations
 
-    cfg, _ = parse_config(DashboardConfig, argv, section="dashboard",
-                          prog="saeforge dashboard", description="Render DIR/index.html and one page per latent.")
-    n = len(load_features(cfg.dir)["latents"])
-    for i in cfg.latents or []:
-        if not 0 <= i < n:
-            raise UserError(f"--latents: latent {i} is out of range (this SAE has {n} latents: 0..{n - 1})")
-    path = render_dashboard(cfg.dir, cfg.latents, quiet=cfg.quiet)
-    print(f"wrote {path}")
+    cfg, _ = parse_config(DashboardConfig, argv, section="dashboard", prog="saeforge dashboard",
+                          description="Re-render the static viewer of a features directory from its data.")
+    path = install_viewer(cfg.dir)
+    n = refresh_explanations(cfg.dir)
+    if not cfg.quiet:
+        print(f"wrote {path}" + (f" ({n} explained latents)" if n else ""))
     return 0

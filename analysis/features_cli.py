@@ -2,11 +2,12 @@
 
 One streaming pass over the store (no model rerun: the store holds tokens, seq and pos), the
 SAE's logit attribution through the model's final norm and unembedding, a label per latent;
-writes DIR/features.json, DIR/latents/NNNNN.json and the HTML dashboard (DIR/index.html).
+writes DIR/features.json, the compact data under DIR/data/ and the static viewer (DIR/index.html).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,14 @@ class FeaturesConfig:
     window: int = option(10, "context tokens either side of an example")
     samples: int = option(16, "reservoir sample per latent for the quantile examples")
     quantiles: int = option(4, "activation quantile groups shown per latent")
+    per_quantile: int = option(3, "sampled examples shown per quantile group")
     logits: int = option(10, "top positive/negative output tokens per latent")
     model: str | None = option(None, "model spec for tokenizer and unembedding (default: the store's)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     block_rows: int = option(8192, "rows per block of the pass")
     measure: bool = option(False, "also time an encode-only pass and print both rates")
-    dashboard: bool = option(True, "render the HTML dashboard")
+    shard_size: int = option(64, "latents per data shard (one small .js file each)")
+    dashboard: bool = option(True, "write the static viewer (index.html) beside the data")
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
@@ -45,18 +48,46 @@ class FeaturesConfig:
             raise UserError("--store is required: the activation store to read (e.g. runs/quickstart/store.zarr)")
         if self.top < 1:
             raise UserError(f"--top {self.top} must be at least 1")
-        if self.window < 0 or self.samples < 1 or self.quantiles < 1:
-            raise UserError("--window must be ≥ 0, --samples and --quantiles ≥ 1")
+        if self.window < 0 or self.samples < 1 or self.quantiles < 1 or self.per_quantile < 1:
+            raise UserError("--window must be ≥ 0; --samples, --quantiles and --per-quantile ≥ 1")
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size {self.shard_size} must be at least 1")
+
+
+def check_out_dir(out: str) -> Path:
+    """Make sure `out` is (or can become) a writable directory, before any work is done."""
+    from saeforge.urls import is_local, local_path
+    if not is_local(out):
+        raise UserError(f"--out {out!r}: the viewer is a folder of static files; pass a local directory")
+    p = Path(local_path(out))
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {out!r} is a file, not a directory; pass a directory path (it is created if missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out!r} is not writable ({e.strerror or e}); pass a directory you can write to") from None
+    return p
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (so `serve` and `explain` find them from any directory); URLs as given."""
+    from saeforge.urls import is_local, local_path
+    return os.path.abspath(local_path(path)) if is_local(path) else str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from analysis.dashboard import render_dashboard
-    from analysis.features import build_records, encode_rate, feature_stats, write_features
+    from analysis.dashboard import install_viewer
+    from analysis.features import encode_rate, feature_stats
+    from analysis.features_io import write_features
     from analysis.labels import logit_table, vocab_strings
     from sae.io import check_store_match, load_sae, read_cfg, sae_summary
 
     cfg, _ = parse_config(FeaturesConfig, argv, section="features", prog="saeforge features",
-                          description="Per-latent statistics, top examples, logits and labels; HTML dashboard.")
+                          description="Per-latent statistics, top examples, logits and labels; the static viewer.")
+    out = check_out_dir(cfg.out)
     store = Store.open(cfg.store)
     meta = sae_summary(cfg.sae)
     hook = check_store_match(read_cfg(cfg.sae), store, cfg.sae)
@@ -77,23 +108,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     logits = logit_table(sae.W_dec.detach(), lm.model, top=cfg.logits)
     vocab = vocab_strings(lm.tokenizer, int(lm.model.get_output_embeddings().weight.shape[0]))
-    index, records = build_records(stats, vocab, logits, n_quantiles=cfg.quantiles, n_logits=cfg.logits)
-    out = Path(cfg.out)
-    meta_out = {"sae": {"path": str(cfg.sae), **meta, "hook_point": hook},
-                "store": {"path": str(cfg.store), "n_tokens": store.n_tokens, "split": cfg.split,
+    meta_out = {"sae": {"path": absolute(cfg.sae), **meta, "hook_point": hook},
+                "store": {"path": absolute(cfg.store), "n_tokens": store.n_tokens, "split": cfg.split,
                           "rows_counted": stats.n_rows, "corpus": store.attrs.get("corpus")},
-                "model": store.model_spec, "top": cfg.top, "window": cfg.window, "rates": rates,
-                "config": config_dict(cfg)}
-    write_features(out, meta_out, index, records)
-    save_config(cfg, out)
+                "model": store.model_spec, "model_hash": store.model_hash, "prepend_bos": store.attrs.get("prepend_bos"),
+                "top": cfg.top, "window": cfg.window, "rates": rates, "config": config_dict(cfg)}
+    write_features(out, stats, vocab, logits, meta_out, n_quantiles=cfg.quantiles, per_quantile=cfg.per_quantile,
+                   shard_size=cfg.shard_size, quiet=cfg.quiet)
+    save_config(cfg, str(out))
     if cfg.dashboard:
-        render_dashboard(out, quiet=cfg.quiet)
-    alive = sum(1 for e in index if e["count"] > 0)
-    print(f"{len(index)} latents ({alive} fired) over {stats.n_rows} rows of {cfg.store} [{cfg.split}]")
+        install_viewer(out)
+    alive = int((stats.count > 0).sum())
+    print(f"{stats.d_sae} latents ({alive} fired) over {stats.n_rows} rows of {cfg.store} [{cfg.split}]")
     print(f"stats pass: {rate:,.0f} rows/s ({stats.seconds:.1f} s, encoding {stats.encode_seconds:.1f} s of it)")
     if cfg.measure:
         print(f"encode only: {rates['encode_only_rows_per_s']:,.0f} rows/s "
               f"(stats pass runs at {rate / rates['encode_only_rows_per_s']:.0%} of the encode bound)")
-    print(f"labels, logits and files: {time.perf_counter() - t0:.1f} s")
-    print(f"wrote {out / 'features.json'}" + (f" and {out / 'index.html'}" if cfg.dashboard else ""))
+    size = sum(f.stat().st_size for f in (out / "data").rglob("*") if f.is_file())
+    print(f"labels, logits and files: {time.perf_counter() - t0:.1f} s; data {size / 1e6:.1f} MB "
+          f"({size / stats.d_sae / 1024:.2f} KiB per latent)")
+    print(f"wrote {out / 'features.json'}" + (f"; open {out / 'index.html'} (or: saeforge serve {out})"
+                                               if cfg.dashboard else ""))
     return 0

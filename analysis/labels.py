@@ -8,6 +8,7 @@ scale is left out: it rescales every token's logit equally and does not change t
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -15,6 +16,10 @@ import torch
 
 from collect.layers import discover_layout
 
+log = logging.getLogger(__name__)
+
+# what tokenizers raise for ids they do not know (slow: IndexError/KeyError; fast: OverflowError/TypeError)
+DECODE_ERRORS = (IndexError, KeyError, OverflowError, TypeError, ValueError)
 WS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
@@ -83,18 +88,25 @@ def logit_table(W_dec: torch.Tensor, model: torch.nn.Module, top: int = 10, bins
 
 
 def vocab_strings(tokenizer, vocab_size: int | None = None) -> list[str]:
-    """The text of every token id (decoded one at a time, as it appears in running text)."""
+    """The text of every token id (decoded one at a time, as it appears in running text).
+
+    Ids the tokenizer cannot decode (an unembedding padded past the tokenizer's vocabulary, which
+    slow tokenizers reject) become `<id>`, with a warning that says how many."""
     n = vocab_size or len(tokenizer)
     try:
-        return tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
-    except Exception:  # noqa: BLE001 - some tokenizers reject ids past their vocab; decode what we can
-        out = []
-        for i in range(n):
-            try:
-                out.append(tokenizer.decode([i], clean_up_tokenization_spaces=False))
-            except Exception:  # noqa: BLE001
-                out.append(f"<{i}>")
-        return out
+        return list(tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False))
+    except DECODE_ERRORS as e:
+        log.warning("batch decode of %d token ids failed (%s: %s); decoding one at a time", n, type(e).__name__, e)
+    out, bad = [], []
+    for i in range(n):
+        try:
+            out.append(tokenizer.decode([i], clean_up_tokenization_spaces=False))
+        except DECODE_ERRORS:
+            out.append(f"<{i}>")
+            bad.append(i)
+    if bad:
+        log.warning("%d of %d token ids could not be decoded (first: %s); they show as <id>", len(bad), n, bad[:5])
+    return out
 
 
 def show_ws(s: str) -> str:
@@ -126,3 +138,11 @@ def make_label(max_tokens: list[str], out_tokens: list[str], n_in: int = 3, n_ou
             break
     left = " · ".join(ins) if ins else "(never fires)"
     return f"{left} → {' · '.join(outs)}" if outs else left
+
+
+def label_tokens(label: str) -> str:
+    """A token-list label as an explanation to score: its input tokens (the part after → names what
+    the latent predicts, not where it fires)."""
+    left = label.split(" → ")[0]
+    toks = [t.strip() for t in left.split(" · ") if t.strip()]
+    return "The tokens " + ", ".join(f'"{t}"' for t in toks) + "." if toks and left != "(never fires)" else label

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from analysis.features import encode_triples, feature_stats
-from analysis.labels import logit_table, make_label
+from analysis.features_io import Reader, load_index, quantile_template
+from analysis.labels import label_tokens, logit_table, make_label
 from collect.collector import CollectConfig, collect_activations
 from saeforge.errors import UserError
 from collect.store import Store
@@ -123,31 +124,77 @@ def test_logit_attribution_is_direct(smollm2):
     assert int(lt.hist_heights.sum(1)[0]) == model.lm_head.weight.shape[0]
 
 
+def reference_quantiles(values: list[float], n_quantiles: int, per_bin: int) -> list[tuple[int, float]]:
+    """The quantile picks spelled out: equal-count groups of the value-sorted sample, evenly spaced
+    picks in each, highest group first and descending within a group."""
+    s = sorted(values)
+    groups = np.array_split(np.arange(len(s)), min(n_quantiles, len(s)))
+    out = []
+    for q in range(len(groups) - 1, -1, -1):
+        g = groups[q]
+        picks = sorted({int(g[int(round(x))]) for x in np.linspace(0, len(g) - 1, min(per_bin, len(g)))}, reverse=True)
+        out += [(q, s[p]) for p in picks]
+    return out
+
+
+def test_quantile_template_matches_reference():
+    rng = np.random.default_rng(0)
+    for n in range(1, 17):
+        vals = sorted(rng.random(n).tolist())
+        got = [(q, vals[p]) for p, q in quantile_template(n, 4, 3)]
+        assert got == reference_quantiles(vals, 4, 3)
+
+
 def test_label():
     assert make_label([" the", " the", " a", "\n"], [" cat", " dog", " cat"]) == "the · a · ↵ → cat · dog"
     assert make_label([], []) == "(never fires)"
+    assert label_tokens("the · a · ↵ → cat · dog") == 'The tokens "the", "a", "↵".'
 
 
-def test_features_cli_end_to_end(store, smollm2, tmp_path, monkeypatch):
+def run_features(store, smollm2, tmp_path, monkeypatch, sae, *args):
     from analysis import features_cli
-    sae = make_sae("topk", store.d_model, d_sae=64)
     sae_dir = save_sae(sae, tmp_path / "sae", meta={"hook_point": HOOK, "model": store.model_spec,
                                                     "model_hash": store.model_hash})
     monkeypatch.setattr(features_cli, "load_model", lambda spec, *a, **k: smollm2)
     out = tmp_path / "feat"
-    rc = features_cli.main([str(sae_dir), "--store", store.path, "--out", str(out), "--top", "5", "--quiet"])
+    rc = features_cli.main([str(sae_dir), "--store", store.path, "--out", str(out), "--quiet", *args])
     assert rc == 0
-    doc = json.loads((out / "features.json").read_text())
-    assert len(doc["latents"]) == 64 and doc["sae"]["hook_point"] == HOOK
-    best = max(doc["latents"], key=lambda e: e["maxActApprox"])
-    rec = json.loads((out / best["file"]).read_text())
-    a = rec["activations"][0]
-    assert a["maxValue"] == pytest.approx(best["maxActApprox"])
-    assert a["values"][a["maxValueTokenIndex"]] == pytest.approx(a["maxValue"], rel=1e-4)
-    assert len(rec["pos_str"]) == 10 and rec["label"] == best["label"]
-    assert (out / "index.html").is_file() and (out / "latents" / f"{best['index']:05d}.html").is_file()
+    return sae_dir, out
 
-    # mistakes: SAE from another hook, latent out of range in search is elsewhere; store without the hook
+
+def test_features_cli_end_to_end(store, smollm2, tmp_path, monkeypatch):
+    """The written records hold exactly the pass's statistics; 20 top examples + quantile samples fit
+    in 4 KB per latent; mistakes are refused."""
+    from analysis import features_cli
+    sae = make_sae("topk", store.d_model, d_sae=64)
+    sae_dir, out = run_features(store, smollm2, tmp_path, monkeypatch, sae, "--top", "20", "--shard-size", "16")
+    doc = json.loads((out / "features.json").read_text(encoding="utf-8"))
+    assert doc["layout"]["n_latents"] == 64 and doc["sae"]["hook_point"] == HOOK and doc["layout"]["n_shards"] == 4
+    idx = load_index(out)["columns"]
+    st = feature_stats(sae, store, HOOK, split="all", top=20, samples=16, window=10)
+    assert idx["count"] == st.count.tolist()
+    np.testing.assert_allclose(idx["max"], st.max_act.numpy(), rtol=1e-3)
+    reader = Reader(out)
+    tok = smollm2.tokenizer
+    for i in (0, 17, 63):
+        rec = reader.latent(i)
+        top = [a for a in rec["activations"] if a["kind"] == "top"]
+        ex = st.examples(i, "top")
+        assert [a["row"] for a in top] == [e["row"] for e in ex]
+        for a, e in zip(top, ex):
+            assert a["maxValue"] == pytest.approx(e["value"], rel=1e-6)
+            assert a["token_ids"] == [t for t in e["token_ids"] if t >= 0]
+            assert a["values"][a["maxValueTokenIndex"]] == pytest.approx(e["value"], rel=1e-3)
+            assert "".join(a["tokens"]) == tok.decode(a["token_ids"])
+        quant = [a for a in rec["activations"] if a["kind"] == "quantile"]
+        want = reference_quantiles([e["value"] for e in st.examples(i, "sample")], 4, 3)
+        assert [(a["quantile"], a["maxValue"]) for a in quant] == [(q, pytest.approx(v, rel=1e-6)) for q, v in want]
+        assert len(rec["pos_str"]) == 10 and rec["freq_hist_data_bar_heights"] == st.hist.counts[i].tolist()
+    size = sum(f.stat().st_size for f in (out / "data").rglob("*") if f.is_file()) - (out / "data/vocab.js").stat().st_size
+    assert size / 64 <= 4096, f"{size / 64:.0f} bytes per latent"
+    assert (out / "index.html").is_file() and (out / "viewer.js").is_file()
+
+    # mistakes: SAE from another hook; a store from another model
     bad = save_sae(sae, tmp_path / "bad", meta={"hook_point": "layers.5.resid_post", "model": store.model_spec,
                                                 "model_hash": store.model_hash})
     with pytest.raises(UserError, match="layers.5.resid_post"):
@@ -156,3 +203,23 @@ def test_features_cli_end_to_end(store, smollm2, tmp_path, monkeypatch):
                                                     "model_hash": "0" * 32})
     with pytest.raises(UserError, match="model"):
         features_cli.main([str(other), "--store", store.path, "--out", str(tmp_path / "y"), "--quiet"])
+
+
+def test_features_out_is_a_file_fails_before_the_pass(store, tmp_path, monkeypatch, capsys):
+    """Regression (issue 12): `--out FILE` used to run the whole pass, then raise NotADirectoryError."""
+    from analysis import features, features_cli
+    from saeforge.errors import run_cli
+    sae = make_sae("topk", store.d_model, d_sae=16)
+    sae_dir = save_sae(sae, tmp_path / "sae", meta={"hook_point": HOOK, "model": store.model_spec,
+                                                    "model_hash": store.model_hash})
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+
+    def no_work(*a, **k):
+        raise AssertionError("the pass (or model load) ran before --out was checked")
+    monkeypatch.setattr(features, "feature_stats", no_work)
+    monkeypatch.setattr(features_cli, "load_model", no_work)
+    rc = run_cli(features_cli.main, [str(sae_dir), "--store", store.path, "--out", str(f), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a file" in err[0] and str(f) in err[0]
+    assert f.read_text() == "not a directory"
