@@ -18,8 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sae.export_cli", "export an SAE (e.g. --format saelens)"),
     "features": ("analysis.features_cli", "feature statistics, labels and dashboard"),
     "dashboard": ("analysis.dashboard_cli", "render an HTML dashboard from features.json"),
-    "search": ("analysis.search_cli", "vocabulary search for inputs that activate a latent"),
+    "search": ("analysis.search_cli", "complete, greedy and gradient search for inputs that activate a feature"),
     "align": ("analysis.align_cli", "match latents of two SAEs by decoder cosine"),
+    "align-layers": ("analysis.align_layers_cli", "overlap of features' top inputs across layers, vs a random init"),
     "steer": ("analysis.steer_cli", "steering directions and steered generation"),
     "lens": ("analysis.lens_cli", "logit lens over layers"),
     "patch": ("analysis.patch_cli", "activation patching"),
@@ -27,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage(package: str | None = None) -> str:
-    rows = [f"  {name:<10} {desc}" for name, (mod, desc) in COMMANDS.items()
+    rows = [f"  {name:<13} {desc}" for name, (mod, desc) in COMMANDS.items()
             if package is None or mod.startswith(package + ".")]
     return "usage: saeforge COMMAND [args]\n\ncommands:\n" + "\n".join(rows)
 
