@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from analysis.vocab_search import greedy_search, vocab_batches, vocab_size
 from collect.layers import discover_layout
 from saeforge.errors import UserError
 from saeforge.progress import progress
+
+if TYPE_CHECKING:
+    from sae.architectures import SAE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class Unit:
     label: str
     read: str
     features: torch.Tensor                  # [F] indices: neurons of the read, or SAE latents
-    sae: torch.nn.Module | None = None
+    sae: "SAE | None" = None
 
     def values(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(activation, tie-break key) [B, F] of last-position activations [B, w]."""
@@ -73,7 +76,7 @@ def neuron_units(model: torch.nn.Module, site: str, features: int, layers: Seque
     return units
 
 
-def sae_units(model: torch.nn.Module, saes: Sequence[tuple[str, torch.nn.Module, str]], features: int,
+def sae_units(model: torch.nn.Module, saes: Sequence[tuple[str, "SAE", str]], features: int,
               match: str = "index") -> list[Unit]:
     """Latents 0..F−1 of per-layer SAEs given as (label, SAE, hook point).
 
@@ -245,7 +248,7 @@ def study(model_a: torch.nn.Module, units_a: Sequence[Unit], prefix: list[int], 
     the overlap matrix A × B (A × A without B)."""
     import time
     t0 = time.perf_counter()
-    kw = dict(method=method, top=top, greedy_tokens=greedy_tokens, vocab=vocab, batch=batch, quiet=quiet)
+    kw: dict[str, Any] = dict(method=method, top=top, greedy_tokens=greedy_tokens, vocab=vocab, batch=batch, quiet=quiet)
     tops_a = top_inputs(model_a, units_a, prefix, desc=f"{desc} A".strip() if model_b is not None else desc, **kw)
     tops_b = tops_a
     if model_b is not None:

@@ -3,7 +3,7 @@
 Seed 004's alignment study: the top inputs of features 0..F−1 at every layer (complete search over
 single tokens, or greedy strings), their layers × layers overlap, and the same on a random-initialised
 copy of the model (same config, fixed seed) as the control. With `--model-b`, model A's layers against
-model B's (same tokenizer). Writes overlap_model.png, overlap_control.png, overlap.csv, tops.json and
+model B's (same tokenizer). Writes overlap.png (both panels), overlap_model.png, overlap_control.png, overlap.csv, tops.json and
 summary.json to --out and prints a one-line summary.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from saeforge.config import config_dict, option, parse_config
+from saeforge.devices import check_device
 from saeforge.errors import UserError
 
 Site = Literal["resid_post", "resid_pre", "attn_out", "mlp_out", "mlp_hidden"]
@@ -24,7 +25,7 @@ class AlignLayersConfig:
     model: str = option("smollm2-135m", "model spec (A)")
     model_b: str | None = option(None, "a second model with the same tokenizer: overlap of A's layer i with B's layer j")
     site: Site = option("resid_post", "what a feature is: neuron f of layers.{i}.SITE (mlp_hidden = MLP neuron f)")
-    layers: list[int] = option([], "layers studied (default: all)")
+    layers: list[int] = option([], "layers studied (none given: all)")
     saes: list[str] = option([], "per-layer SAE directories (their latents instead of neurons), in layer order")
     saes_b: list[str] = option([], "per-layer SAE directories for --model-b")
     sae_match: Literal["index", "decoder"] = option(
@@ -33,7 +34,7 @@ class AlignLayersConfig:
     method: Literal["complete", "greedy"] = option("complete", "top inputs by complete search (single tokens) or greedy strings")
     top: int = option(10, "top single tokens per feature (complete search)")
     greedy_tokens: int = option(3, "length of the greedy strings (greedy search)")
-    vocab: int | None = option(None, "search token ids below this only (default: the whole vocabulary)")
+    vocab: int | None = option(None, "search token ids below this only (none: the whole vocabulary)")
     bos: bool = option(True, "start every input with BOS")
     control: bool = option(True, "also run the random-init control")
     seed: int = option(0, "seed of the random-init control (model B's control uses seed+1)")
@@ -44,6 +45,7 @@ class AlignLayersConfig:
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
+        check_device(self.device)
         if self.features < 1 or self.top < 1 or self.batch < 1 or self.greedy_tokens < 1:
             raise UserError("--features, --top, --greedy-tokens and --batch must be at least 1")
         if self.saes_b and not self.model_b:
@@ -93,7 +95,8 @@ def _control(lm, seed: int):
 
 def main(argv: Sequence[str] | None = None) -> int:
     from analysis.align_layers import study
-    from analysis.plots import heatmap, write_csv
+    from analysis.align_layers_plot import overlap_figure
+    from analysis.plots import write_csv
     from collect.model import load_model
     from saeforge.urls import write_json
 
@@ -112,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_same_tokenizer(a, b)
     units_a = _units(a, cfg, cfg.saes)
     units_b = _units(b, cfg, cfg.saes_b) if b is not None else None
-    tok = a.tokenizer
+    tok: Any = a.tokenizer
     prefix = [tok.bos_token_id] if cfg.bos and tok.bos_token_id is not None else []
-    kw = dict(method=cfg.method, top=cfg.top, greedy_tokens=cfg.greedy_tokens, vocab=cfg.vocab, batch=cfg.batch,
+    kw: dict[str, Any] = dict(method=cfg.method, top=cfg.top, greedy_tokens=cfg.greedy_tokens, vocab=cfg.vocab, batch=cfg.batch,
               quiet=cfg.quiet)
     res = {"model": study(a.model, units_a, prefix, model_b=b.model if b else None, units_b=units_b,
                           desc="model", **kw)}  # type: ignore[arg-type]
@@ -126,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = res["model"]
     what = "SAE latents" if cfg.saes else f"{'MLP neurons' if cfg.site == 'mlp_hidden' else 'neurons of ' + cfg.site}"
     inputs = f"top {cfg.top} single tokens" if cfg.method == "complete" else f"greedy {cfg.greedy_tokens}-token strings"
+    title = f"{what} 0..{cfg.features - 1}, {inputs}"
+    axes = dict(xlabel=f"layer of {cfg.model_b or cfg.model}", ylabel=f"layer of {cfg.model}")
     for name, s in res.items():
-        heatmap(s.overlap, out / f"overlap_{name}.png", row_labels=[str(x) for x in s.labels_a],
-                col_labels=[str(x) for x in s.labels_b], vmin=0.0, vmax=1.0, cbar_label="overlap of top inputs",
-                title=f"{name}: {what} 0..{cfg.features - 1}, {inputs}",
-                xlabel=f"layer of {cfg.model_b or cfg.model}", ylabel=f"layer of {cfg.model}")
+        overlap_figure([(name, s.overlap)], s.labels_a, s.labels_b, out / f"overlap_{name}.png", suptitle=title, **axes)
+    overlap_figure([(name, s.overlap) for name, s in res.items()], first.labels_a, first.labels_b, out / "overlap.png",
+                   suptitle=title, **axes)
     rows = []
     for i, la in enumerate(first.labels_a):
         for j, lb in enumerate(first.labels_b):
@@ -162,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     line += (f" (chance {first.chance:.4f}; {what} 0..{cfg.features - 1}, {inputs}, "
              f"{len(first.labels_a)}×{len(first.labels_b)} units; {time.perf_counter() - t0:.0f} s)")
     print(line)
-    print(f"wrote {out}/overlap_model.png, overlap.csv, tops.json, summary.json"
-          + (", overlap_control.png" if "control" in res else ""))
+    print(f"wrote {out}/overlap.png, overlap_model.png" + (", overlap_control.png" if "control" in res else "")
+          + ", overlap.csv, tops.json, summary.json")
     return 0
 
 

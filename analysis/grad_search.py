@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from analysis.objectives import Objective, reading
+from analysis.objectives import Objective, embedding_weight, input_embedding, reading
 from analysis.vocab_search import activations_of, decode_ids
 from saeforge.errors import UserError
 from saeforge.progress import progress
@@ -69,8 +69,8 @@ class GradResult:
 def effective_embeddings(model: torch.nn.Module, vocab: int) -> torch.Tensor:
     """[vocab, d] what the input-embedding module gives for each token id (Gemma-style scaled embeddings
     included), so a soft one-hot p gives the embedding p @ E exactly like a token would."""
-    emb = model.get_input_embeddings()
-    dev = emb.weight.device
+    emb = input_embedding(model)
+    dev = embedding_weight(model).device
     with torch.no_grad():
         return emb(torch.arange(vocab, device=dev)).float()
 
@@ -80,7 +80,7 @@ def _temperature(step: int, steps: int, t0: float, t1: float) -> float:
 
 
 def gradient_search(model: torch.nn.Module, obj: Objective, n_tokens: int, prefix: list[int] | None = None, *,
-                    prior: Prior = "softmax", steps: int = 200, restarts: int = 8, lr: float = 0.1,
+                    prior: Prior = "softmax", steps: int = 100, restarts: int = 8, lr: float = 0.3,
                     temp_start: float = 1.0, temp_end: float = 0.05, init_scale: float = 1.0,
                     positions: Positions = "last", vocab: int | None = None, seed: int = 0, eval_every: int = 10,
                     tokenizer=None, quiet: bool = True) -> GradResult:
@@ -98,9 +98,9 @@ def gradient_search(model: torch.nn.Module, obj: Objective, n_tokens: int, prefi
         raise UserError(f"--temp-start {temp_start}, --temp-end {temp_end} and --lr {lr} must be > 0")
     t_start = time.perf_counter()
     prefix = list(prefix or [])
-    emb = model.get_input_embeddings()
-    dev = emb.weight.device
-    n_vocab = int(emb.weight.shape[0])
+    emb = input_embedding(model)
+    dev = embedding_weight(model).device
+    n_vocab = int(embedding_weight(model).shape[0])
     v = min(vocab or n_vocab, n_vocab)
     E = effective_embeddings(model, v)                       # [V, d]
     rms = float(E.pow(2).mean().sqrt())
@@ -136,7 +136,7 @@ def gradient_search(model: torch.nn.Module, obj: Objective, n_tokens: int, prefi
         return obj.soft(h[:, -1]) if positions == "last" else obj.soft(h[:, P:]).mean(1)
 
     pre_ids = torch.tensor(prefix, dtype=torch.long, device=dev).expand(R, P)
-    best = [(-math.inf, -math.inf, [], -1)] * R
+    best: list[tuple[float, float, list[int], int]] = [(-math.inf, -math.inf, [], -1)] * R
     soft_last = [-math.inf] * R
     soft_max = [-math.inf] * R
     history: list[float] = []

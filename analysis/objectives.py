@@ -18,27 +18,40 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
 import torch
 
 from collect.hooks import HookCall, StopForward, hooks
-from collect.layers import discover_layout, resolve_hook_point
+from collect.layers import Layout, discover_layout, resolve_hook_point
 from saeforge.errors import UserError
+
+if TYPE_CHECKING:
+    from sae.architectures import SAE
 
 MLP_HIDDEN_RE = re.compile(r"^layers\.(-?\d+)\.mlp_hidden$")
 
 
-def _layout(model: torch.nn.Module):
+def _layout(model: torch.nn.Module) -> Layout:
     lay = getattr(model, "_saeforge_layout", None)
     if lay is None:
         lay = discover_layout(model)
-        model._saeforge_layout = lay  # type: ignore[attr-defined]
+        model.__dict__["_saeforge_layout"] = lay
     return lay
 
 
+def input_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's token-embedding module (typed: `nn.Module.__getattr__` hides it from mypy)."""
+    return cast(torch.nn.Module, model.get_input_embeddings())  # type: ignore[operator]
+
+
+def embedding_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The token-embedding matrix [vocab, d_model]."""
+    return cast(torch.Tensor, input_embedding(model).weight)
+
+
 def d_model_of(model: torch.nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
+    return int(embedding_weight(model).shape[1])
 
 
 def _weighted_children(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -60,7 +73,7 @@ def mlp_output_projection(model: torch.nn.Module, layer: int) -> str:
     mlp = model.get_submodule(mlp_name)
     d = d_model_of(model)
     calls: list[tuple[str, int]] = []
-    handles = []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     for name, child in _weighted_children(mlp):
         def pre(mod, args, name=name):
             calls.append((name, int(args[0].shape[-1])))
@@ -68,7 +81,7 @@ def mlp_output_projection(model: torch.nn.Module, layer: int) -> str:
                 raise StopForward
         handles.append(child.register_forward_pre_hook(pre))
     try:
-        dev = model.get_input_embeddings().weight.device
+        dev = embedding_weight(model).device
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=False)
     except StopForward:
         pass
@@ -101,7 +114,7 @@ def read_width(model: torch.nn.Module, name: str) -> int:
     if m is None:
         return d_model_of(model)
     mod = model.get_submodule(mlp_output_projection(model, int(m.group(1))))
-    w = mod.weight
+    w = cast(torch.Tensor, mod.weight)
     # nn.Linear keeps [out, in]; GPT-2's Conv1D keeps [in, out]
     return int(w.shape[1] if isinstance(mod, torch.nn.Linear) else w.shape[0])
 
@@ -168,7 +181,7 @@ class Objective:
     """One scalar per input, read at `hook` (a hook point or `layers.{i}.mlp_hidden`)."""
     hook: str
     neuron: int | None = None
-    sae: torch.nn.Module | None = None
+    sae: "SAE | None" = None
     latent: int | None = None
     direction: torch.Tensor | None = None  # unit vector [width]
     label: str | None = None  # how a direction is named in output
@@ -180,7 +193,7 @@ class Objective:
         return cls(hook=hook, neuron=neuron)
 
     @classmethod
-    def for_latent(cls, sae: torch.nn.Module, latent: int, hook: str) -> "Objective":
+    def for_latent(cls, sae: "SAE", latent: int, hook: str) -> "Objective":
         d_sae = int(sae.W_dec.shape[0])
         if not 0 <= latent < d_sae:
             raise UserError(f"--latent {latent} is out of range: this SAE has {d_sae} latents (0..{d_sae - 1})")

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from collect.model import load_model
 from saeforge.config import config_dict, option, parse_config
+from saeforge.devices import check_device
 from saeforge.errors import UserError
 
 
 @dataclass
 class SearchConfig:
-    model: str | None = option(None, "model spec (default: the SAE's model, else smollm2-135m)")
+    model: str | None = option(None, "model spec (none: the SAE's model, else smollm2-135m)")
     sae: str | None = option(None, "SAE directory (its hook point is searched)")
     latent: int | None = option(None, "SAE latent to maximise")
     hook: str | None = option(None, "read: a hook point, or layers.N.mlp_hidden for MLP neurons "
@@ -33,18 +34,18 @@ class SearchConfig:
     top: int = option(10, "best single tokens listed")
     prefix: str = option("", "text placed before the searched tokens")
     bos: bool = option(True, "start the input with BOS (as the store's sequences do)")
-    vocab: int | None = option(None, "search only token ids below this (default: all)")
+    vocab: int | None = option(None, "search only token ids below this (none: all)")
     batch: int = option(512, "vocabulary tokens per forward")
     gradient: bool = option(False, "also run gradient search on a soft input")
     prior: Literal["softmax", "embed", "both"] = option(
         "softmax", "softmax: logits → softmax(·/τ) → embedding matrix (seed 004); embed: the embeddings themselves, "
                    "projected to the nearest token")
-    grad_tokens: int | None = option(None, "positions optimised by gradient search (default: --greedy-tokens, or 5)")
+    grad_tokens: int | None = option(None, "positions optimised by gradient search (none: --greedy-tokens, or 5)")
     positions: Literal["last", "all"] = option("last", "maximise the feature at the last position or its mean "
                                                        "over the searched positions")
-    steps: int = option(200, "gradient steps")
+    steps: int = option(100, "gradient steps")
     restarts: int = option(8, "restarts optimised together in one batch")
-    lr: float = option(0.1, "Adam step: logit units (softmax) or the embedding's RMS entry (embed)")
+    lr: float = option(0.3, "Adam step: logit units (softmax) or the embedding's RMS entry (embed)")
     temp_start: float = option(1.0, "softmax temperature at the first step")
     temp_end: float = option(0.05, "softmax temperature at the last step (geometric schedule)")
     init_scale: float = option(1.0, "std of the initial logits (softmax) / of the noise on the starting tokens (embed)")
@@ -56,6 +57,7 @@ class SearchConfig:
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
+        check_device(self.device)
         given = [self.sae is not None, self.direction is not None, self.neuron is not None]
         if sum(given) != 1:
             raise UserError("give one feature: --sae SAE_DIR --latent I, --hook H --neuron J, or --direction FILE")
@@ -111,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"but {lm.spec!r} has hash {lm.weights_hash[:12]}; pass the SAE's model with --model")
     obj = _objective(cfg, lm, meta, sae)
     n_vocab = vocab_size(lm.model, cfg.vocab)
-    tok = lm.tokenizer
+    tok: Any = lm.tokenizer
     prefix = ([tok.bos_token_id] if cfg.bos and tok.bos_token_id is not None else [])
     prefix += tok(cfg.prefix, add_special_tokens=False)["input_ids"] if cfg.prefix else []
-    kw = dict(tokenizer=tok, vocab=cfg.vocab, batch=cfg.batch, quiet=cfg.quiet)
+    kw: dict[str, Any] = dict(tokenizer=tok, vocab=cfg.vocab, batch=cfg.batch, quiet=cfg.quiet)
     comp = complete_search(lm.model, obj, prefix, top=cfg.top, **kw)
     print(f"{obj.name} · prefix {tok.decode(prefix)!r}")
     print(f"complete search over {n_vocab} tokens:")
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         greedy = greedy_search(lm.model, obj, cfg.greedy_tokens, prefix, top=cfg.top, **kw)
         print(f"greedy search, {cfg.greedy_tokens} tokens (activation at the last token):")
         for c in greedy.steps:
-            print(f"  {c.activation:>10.4f}  (pre {c.pre:>8.3f})  {c.text!r}")
+            print(f"  {c.activation:>10.4f}  (pre {c.pre:>8.3f})  {c.text!r}  {c.ids}")
         b = greedy.best
         print(f"best: {b.text!r} → {b.activation:.4f}")
     doc = {"objective": obj.name, "prefix": prefix, "vocab": n_vocab, "complete": [asdict(c) for c in comp.top],
@@ -144,7 +146,7 @@ def _gradient(cfg: SearchConfig, lm, obj, prefix: list[int], comp, greedy) -> li
     from analysis.grad_search import agreement, gradient_search
     from analysis.vocab_search import activation_of, greedy_search
     n = cfg.grad_tokens or cfg.greedy_tokens or 5
-    tok = lm.tokenizer
+    tok: Any = lm.tokenizer
     from_pos = None if cfg.positions == "last" else len(prefix)
     if greedy is None or len(greedy.steps) < n:
         greedy = greedy_search(lm.model, obj, n, prefix, tokenizer=tok, vocab=cfg.vocab, batch=cfg.batch,
@@ -153,8 +155,9 @@ def _gradient(cfg: SearchConfig, lm, obj, prefix: list[int], comp, greedy) -> li
     g_act = activation_of(lm.model, obj, prefix + g_ids, from_pos)[0]
     g_text = greedy.steps[n - 1].text
     readout = "at the last position" if cfg.positions == "last" else "mean over the searched positions"
-    rows = [("complete (1 token)", comp.top[0].text, comp.top[0].activation, "", ""),
-            (f"greedy ({n} tokens)", g_text, g_act, "", "")]
+    rows = [("complete (1 token)", f"{comp.top[0].text!r} {comp.top[0].ids}", comp.top[0].activation, "", "0"),
+            (f"greedy ({n} tokens)", f"{g_text!r} {g_ids}", g_act, "",
+             ",".join(str(int(comp.rank[t])) for t in g_ids))]
     out = []
     for prior in (("softmax", "embed") if cfg.prior == "both" else (cfg.prior,)):
         res = gradient_search(lm.model, obj, n, prefix, prior=prior, steps=cfg.steps, restarts=cfg.restarts,  # type: ignore[arg-type]
@@ -164,9 +167,9 @@ def _gradient(cfg: SearchConfig, lm, obj, prefix: list[int], comp, greedy) -> li
         print(f"gradient search ({prior} prior, {n} tokens, {cfg.restarts} restarts, {cfg.steps} steps, {readout}, "
               f"{res.seconds:.1f} s): restart · tokens' activation · soft objective at the end / best · step found")
         for r_i, r in enumerate(sorted(res.runs, key=lambda r: (r.activation, r.pre), reverse=True)):
-            print(f"  {r_i:>2}  {r.activation:>10.4f}  {r.soft:>10.4f} / {r.soft_max:<10.4f}  step {r.step:>4}  {r.text!r}")
+            print(f"  {r_i:>2}  {r.activation:>10.4f}  {r.soft:>10.4f} / {r.soft_max:<10.4f}  step {r.step:>4}  {r.text!r}  {r.ids}")
         ag = agreement(res.best, g_ids, g_act, comp.rank, comp.top[0].activation)
-        rows.append((f"gradient {prior}", res.best.text, res.best.activation,
+        rows.append((f"gradient {prior}", f"{res.best.text!r} {res.best.ids}", res.best.activation,
                      "same string" if ag.same_as_greedy else f"{ag.shared_with_greedy}/{len(set(g_ids))} tokens shared",
                      ",".join(map(str, ag.complete_ranks))))
         out.append({"prior": prior, "seconds": res.seconds, "runs": [asdict(r) for r in res.runs],
@@ -174,5 +177,5 @@ def _gradient(cfg: SearchConfig, lm, obj, prefix: list[int], comp, greedy) -> li
     print(f"agreement (activation {readout}, each string run as tokens):")
     print(f"  {'method':<20} {'activation':>10}  {'vs greedy':<20} {'complete-search ranks':<22} text")
     for name, text, act, vs, ranks in rows:
-        print(f"  {name:<20} {act:>10.4f}  {vs:<20} {ranks:<22} {text!r}")
+        print(f"  {name:<20} {act:>10.4f}  {vs:<20} {ranks:<22} {text}")
     return out

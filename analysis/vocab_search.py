@@ -17,11 +17,11 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from analysis.objectives import Objective, reading
+from analysis.objectives import Objective, embedding_weight, reading
 from saeforge.errors import UserError
 from saeforge.progress import progress
 
@@ -70,7 +70,7 @@ def cache_kwarg(model: torch.nn.Module) -> str | None:
 
 def _run_reads(model: torch.nn.Module, reads: Sequence[str], ids: torch.Tensor, cache=None) -> dict[str, torch.Tensor]:
     """{read: activations [B, T, w]} of a forward that stops once every read is taken."""
-    kw: dict = {"input_ids": ids, "use_cache": cache is not None}
+    kw: dict[str, Any] = {"input_ids": ids, "use_cache": cache is not None}
     if cache is not None:
         kw[cache_kwarg(model)] = cache  # type: ignore[index]
     with reading(model, reads) as r:
@@ -90,7 +90,7 @@ def _prefix_cache(model: torch.nn.Module, reads: Sequence[str], prefix: torch.Te
         log.warning("%s.forward takes no KV cache; recomputing the prefix for every vocabulary batch (slower)",
                     type(model).__name__)
         return None
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
     _run_reads(model, reads, prefix.unsqueeze(0), cache)
     if cache.get_seq_length() != prefix.numel():
         log.warning("%s filled its KV cache with %d positions for a %d-token prefix; recomputing the prefix "
@@ -101,7 +101,7 @@ def _prefix_cache(model: torch.nn.Module, reads: Sequence[str], prefix: torch.Te
 
 def vocab_size(model: torch.nn.Module, vocab: int | None = None) -> int:
     """The number of token ids searched: all of the embedding matrix, or the first `vocab`."""
-    n = int(model.get_input_embeddings().weight.shape[0])
+    n = int(embedding_weight(model).shape[0])
     if vocab is not None and not 1 <= vocab <= n:
         raise UserError(f"--vocab {vocab} is out of range: this model has {n} token ids (use 1..{n})")
     return vocab or n

@@ -116,3 +116,35 @@ def test_search_cli_gradient(smollm2, tmp_path, capsys, monkeypatch):
         search_cli.main(["--hook", "layers.1.resid_post"])
     with pytest.raises(UserError, match="out of range"):
         search_cli.main(["--hook", "layers.1.mlp_hidden", "--neuron", "1536", "--vocab", "10"])
+
+
+def test_cache_problems_are_loud(model, monkeypatch, caplog):
+    """Issue 12: the KV-cache set-up used to swallow every exception and silently recompute the prefix."""
+    import logging
+
+    import transformers
+
+    from analysis import vocab_search
+    obj = Objective.for_neuron(HOOK, 2, 32)
+    expected, _ = scan_vocab(model, obj, [1, 9], use_cache=False)
+
+    class BrokenCache(transformers.DynamicCache):
+        def __init__(self, *a, **k):
+            raise RuntimeError("broken cache")
+    monkeypatch.setattr(transformers, "DynamicCache", BrokenCache)
+    with pytest.raises(RuntimeError, match="broken cache"):
+        scan_vocab(model, obj, [1, 9], use_cache=True)
+    monkeypatch.undo()
+    # a forward that takes no cache: a warning saying so, and the same numbers by recomputing
+    monkeypatch.setattr(vocab_search, "cache_kwarg", lambda m: None)
+    with caplog.at_level(logging.WARNING, logger="analysis.vocab_search"):
+        got, _ = scan_vocab(model, obj, [1, 9], use_cache=True)
+    assert "takes no KV cache" in caplog.text
+    torch.testing.assert_close(got, expected)
+
+
+def test_cache_kwarg_matches_this_transformers(model):
+    import inspect
+
+    from analysis.vocab_search import cache_kwarg
+    assert cache_kwarg(model) in inspect.signature(model.forward).parameters
