@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from analysis.objectives import Objective, embedding_weight, input_embedding, reading
-from analysis.vocab_search import activations_of, decode_ids
+from analysis.vocab_search import activations_of, decode_ids, vocab_size
 from saeforge.errors import UserError
 from saeforge.progress import progress
 
@@ -100,8 +100,8 @@ def gradient_search(model: torch.nn.Module, obj: Objective, n_tokens: int, prefi
     prefix = list(prefix or [])
     emb = input_embedding(model)
     dev = embedding_weight(model).device
-    n_vocab = int(embedding_weight(model).shape[0])
-    v = min(vocab or n_vocab, n_vocab)
+    dtype = embedding_weight(model).dtype
+    v = vocab_size(model, vocab)
     E = effective_embeddings(model, v)                       # [V, d]
     rms = float(E.pow(2).mean().sqrt())
     P, R, N = len(prefix), restarts, n_tokens
@@ -143,7 +143,7 @@ def gradient_search(model: torch.nn.Module, obj: Objective, n_tokens: int, prefi
     from_pos = None if positions == "last" else P
     bar = progress(range(steps), desc=f"gradient ({prior})", unit="step", quiet=quiet)
     for step in bar:
-        x = torch.cat([pre_e.expand(R, P, -1), soft_embeds(step)], 1)
+        x = torch.cat([pre_e.expand(R, P, -1), soft_embeds(step)], 1).to(dtype)  # the model's compute dtype
         with reading(model, [obj.hook], detach=False) as reader:
             h = next(iter(reader.forward(model, inputs_embeds=x, use_cache=False).values()))
         s = score(h)

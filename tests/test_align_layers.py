@@ -153,3 +153,19 @@ def test_align_layers_cli(smollm2, tmp_path, capsys, monkeypatch):
     assert len(tops["model"]["a"]["layers.0.resid_post"]["ids"]) == 8
     with pytest.raises(UserError, match="--saes-b needs --model-b"):
         align_layers_cli.main(["--saes-b", "x"])
+    # across models (here the same model twice): A × B, matched-depth summary 1
+    rc = align_layers_cli.main(["--model-b", "smollm2-135m", "--layers", "0,1", "--features", "4", "--vocab", "64",
+                                "--top", "3", "--control", "false", "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 0 and capsys.readouterr().out.startswith("mean matched-depth overlap: model 1.000 (")
+    assert not (tmp_path / "x" / "overlap_control.png").exists()
+
+
+def test_models_must_share_a_tokenizer():
+    from types import SimpleNamespace
+
+    from analysis.align_layers_cli import _check_same_tokenizer
+    tok = lambda v: SimpleNamespace(get_vocab=lambda: v)  # noqa: E731
+    a = SimpleNamespace(spec="a", tokenizer=tok({"x": 0, "y": 1}))
+    _check_same_tokenizer(a, SimpleNamespace(spec="b", tokenizer=tok({"x": 0, "y": 1})))
+    with pytest.raises(UserError, match="different tokenizers"):
+        _check_same_tokenizer(a, SimpleNamespace(spec="b", tokenizer=tok({"x": 1, "y": 0})))
