@@ -14,7 +14,7 @@ HOOK = "layers.1.resid_post"
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(one_torch_thread):
     return tiny_model("llama")
 
 
