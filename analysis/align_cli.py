@@ -1,13 +1,13 @@
 """`saeforge align SAE_A SAE_B [--threshold 0.7]`: match latents by decoder cosine similarity."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 from saeforge.config import config_dict, option, parse_config
 from saeforge.errors import UserError
+from saeforge.urls import write_json
 
 
 @dataclass
@@ -50,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  A {i:>6} ↔ B {int(res.best_b[i]):>6}   cos {float(res.best_cos[i]):.3f}")
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps({
+        write_json(cfg.out, {
             "sae_a": cfg.sae_a, "sae_b": cfg.sae_b, "threshold": cfg.threshold, "share": res.share,
             "share_b": res.share_b, "mutual": res.mutual, "share_one_to_one": res.share_one_to_one,
             "method": res.method, "best_b": res.best_b.tolist(), "best_cos": [round(v, 5) for v in res.best_cos.tolist()],
             "match_b": res.match_b.tolist(), "match_cos": [round(v, 5) for v in res.match_cos.tolist()],
-            "config": config_dict(cfg)}))
+            "config": config_dict(cfg)})
         print(f"wrote {cfg.out}")
     return 0

@@ -20,8 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("analysis.dashboard_cli", "re-render the viewer of a features directory from its data"),
     "serve": ("analysis.serve_cli", "serve the viewer with live endpoints (tokens → latents, steering)"),
     "explain": ("analysis.explain_cli", "explain latents with an LM and score the explanations (detection)"),
-    "search": ("analysis.search_cli", "vocabulary search for inputs that activate a latent"),
+    "search": ("analysis.search_cli", "complete, greedy and gradient search for inputs that activate a feature"),
     "align": ("analysis.align_cli", "match latents of two SAEs by decoder cosine"),
+    "align-layers": ("analysis.align_layers_cli", "overlap of features' top inputs across layers, vs a random init"),
     "steer": ("analysis.steer_cli", "steering directions and steered generation"),
     "lens": ("analysis.lens_cli", "logit lens over layers"),
     "patch": ("analysis.patch_cli", "activation patching"),
@@ -30,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage(package: str | None = None) -> str:
-    rows = [f"  {name:<10} {desc}" for name, (mod, desc) in COMMANDS.items()
+    rows = [f"  {name:<13} {desc}" for name, (mod, desc) in COMMANDS.items()
             if package is None or mod.startswith(package + ".")]
     return "usage: saeforge COMMAND [args]\n\ncommands:\n" + "\n".join(rows)
 

@@ -36,15 +36,34 @@ def test_unrelated_and_partial():
 
 
 def test_align_cli(tmp_path, capsys):
+    """A permuted, sign-preserving copy: every latent finds its permuted partner at cosine 1 (in the JSON the
+    CLI writes, not only in its printout); an unrelated random SAE shares almost no partners."""
+    import json
     from analysis.align_cli import main
+    torch.manual_seed(0)
     sae = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=64, k=4))
     b = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=64, k=4))
+    unrelated = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=64, k=4))
     perm = torch.randperm(64)
     with torch.no_grad():
-        b.W_dec.copy_(sae.W_dec[perm])
+        b.W_dec.copy_(sae.W_dec[perm] * 2.0)  # sign kept, scale changed
     save_sae(sae, tmp_path / "a", meta={"hook_point": "layers.1.resid_post"})
     save_sae(b, tmp_path / "b", meta={"hook_point": "layers.1.resid_post"})
+    save_sae(unrelated, tmp_path / "u", meta={"hook_point": "layers.1.resid_post"})
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m.json")]) == 0
-    out = capsys.readouterr().out
-    assert "cosine ≥ 0.7: 1.000" in out
-    assert (tmp_path / "m.json").is_file()
+    assert "cosine ≥ 0.7: 1.000" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    inv = torch.argsort(perm).tolist()  # A latent i is B latent inv[i]
+    assert doc["best_b"] == inv and doc["match_b"] == inv
+    assert doc["best_cos"] == pytest.approx([1.0] * 64, abs=1e-5) and doc["match_cos"] == pytest.approx([1.0] * 64, abs=1e-5)
+    assert doc["share"] == doc["share_b"] == doc["mutual"] == doc["share_one_to_one"] == 1.0
+    assert main([str(tmp_path / "a"), str(tmp_path / "u"), "--out", str(tmp_path / "u.json")]) == 0
+    doc = json.loads((tmp_path / "u.json").read_text(encoding="utf-8"))
+    assert doc["share"] <= 0.05 and doc["share_one_to_one"] <= 0.05
+    assert max(doc["best_cos"]) < 0.9
+    # a sign flip is not a match: the cosine is −1
+    with torch.no_grad():
+        b.W_dec.copy_(-sae.W_dec[perm])
+    save_sae(b, tmp_path / "neg", meta={"hook_point": "layers.1.resid_post"})
+    assert main([str(tmp_path / "a"), str(tmp_path / "neg"), "--out", str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text(encoding="utf-8"))["share"] == 0.0

@@ -14,7 +14,7 @@ HOOK = "layers.1.resid_post"
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(one_torch_thread):
     return tiny_model("llama")
 
 
@@ -70,6 +70,7 @@ def test_out_of_range(sae):
         Objective.for_neuron(HOOK, 32, 32)
 
 
+@pytest.mark.smollm
 def test_search_cli(smollm2, tmp_path, capsys, monkeypatch):
     from analysis import search_cli
     monkeypatch.setattr(search_cli, "load_model", lambda spec, *a, **k: smollm2)
@@ -86,3 +87,64 @@ def test_search_cli(smollm2, tmp_path, capsys, monkeypatch):
     other = save_sae(s, tmp_path / "other", meta={"hook_point": "layers.0.resid_post", "model_hash": "f" * 32})
     with pytest.raises(UserError, match="trained on model"):
         search_cli.main(["--sae", str(other), "--latent", "1", "--vocab", "10"])
+
+
+@pytest.mark.smollm
+def test_search_cli_gradient(smollm2, tmp_path, capsys, monkeypatch):
+    """An MLP neuron: complete, greedy and both gradient priors; what is reported is what the tokens give."""
+    import json
+    from analysis import search_cli
+    from analysis.objectives import Objective
+    monkeypatch.setattr(search_cli, "load_model", lambda spec, *a, **k: smollm2)
+    out = tmp_path / "g.json"
+    rc = search_cli.main(["--hook", "layers.1.mlp_hidden", "--neuron", "9", "--vocab", "400", "--greedy-tokens", "2",
+                          "--gradient", "--prior", "both", "--steps", "6", "--restarts", "2", "--eval-every", "3",
+                          "--top", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "gradient search (softmax prior" in text and "gradient search (embed prior" in text
+    assert "agreement" in text and "complete-search ranks" in text
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert [g["prior"] for g in doc["gradient"]] == ["softmax", "embed"]
+    obj = Objective.for_neuron("layers.1.mlp_hidden", 9, 1536)
+    for g in doc["gradient"]:
+        best = g["best"]
+        assert len(best["ids"]) == 2 and all(t < 400 for t in best["ids"])
+        assert activation_of(smollm2.model, obj, doc["prefix"] + best["ids"])[0] == pytest.approx(best["activation"], abs=1e-4)
+        assert g["agreement"]["greedy_activation"] == pytest.approx(doc["greedy"][1]["activation"], abs=1e-4)
+    with pytest.raises(UserError, match="give one feature"):
+        search_cli.main(["--hook", "layers.1.resid_post"])
+    with pytest.raises(UserError, match="out of range"):
+        search_cli.main(["--hook", "layers.1.mlp_hidden", "--neuron", "1536", "--vocab", "10"])
+
+
+def test_cache_problems_are_loud(model, monkeypatch, caplog):
+    """Issue 12: the KV-cache set-up used to swallow every exception and silently recompute the prefix."""
+    import logging
+
+    import transformers
+
+    from analysis import vocab_search
+    obj = Objective.for_neuron(HOOK, 2, 32)
+    expected, _ = scan_vocab(model, obj, [1, 9], use_cache=False)
+
+    class BrokenCache(transformers.DynamicCache):
+        def __init__(self, *a, **k):
+            raise RuntimeError("broken cache")
+    monkeypatch.setattr(transformers, "DynamicCache", BrokenCache)
+    with pytest.raises(RuntimeError, match="broken cache"):
+        scan_vocab(model, obj, [1, 9], use_cache=True)
+    monkeypatch.undo()
+    # a forward that takes no cache: a warning saying so, and the same numbers by recomputing
+    monkeypatch.setattr(vocab_search, "cache_kwarg", lambda m: None)
+    with caplog.at_level(logging.WARNING, logger="analysis.vocab_search"):
+        got, _ = scan_vocab(model, obj, [1, 9], use_cache=True)
+    assert "takes no KV cache" in caplog.text
+    torch.testing.assert_close(got, expected)
+
+
+def test_cache_kwarg_matches_this_transformers(model):
+    import inspect
+
+    from analysis.vocab_search import cache_kwarg
+    assert cache_kwarg(model) in inspect.signature(model.forward).parameters
