@@ -1,7 +1,8 @@
 """The `saeforge train` config: one dataclass, TOML section [train] < command-line flags.
 
 A sweep is written with list values (`--k 16,32 --expansion 8,16`, or `k = [16, 32]` in TOML):
-every combination of arch × k × expansion × lr is trained from one pass over the data.
+every combination of arch × k × expansion × lr × seed is trained from one pass over the data.
+Seed replicas (`--seed 0,1,2`) differ in initialisation; they share the data order of the first seed.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class TrainConfig:
     lr: list[float] = option([], "learning rate(s); default 6e-4/sqrt(d_sae/16384)")
     tokens: int = option(2_000_000, "training tokens")
     batch_size: int = option(4096, "tokens per step")
-    seed: int = option(0, "seed for initialisation and data order")
+    seed: list[int] = option([0], "seed(s) for initialisation (a list trains seed replicas in one pass); the first "
+                                  "also orders the data")
     device: str = option("cpu", "cpu or cuda[:i]")
     threads: int = option(0, "torch CPU threads (0: leave torch's default)")
     resume: bool = option(False, "continue the interrupted run in --out exactly")
@@ -60,8 +62,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.store:
             raise UserError("no store given; pass --store PATH.zarr (written by `saeforge collect`)")
-        if not self.arch or not self.k or not self.expansion:
-            raise UserError("--arch, --k and --expansion need at least one value")
+        if not self.arch or not self.k or not self.expansion or not self.seed:
+            raise UserError("--arch, --k, --expansion and --seed need at least one value")
         for name in ("k", "expansion"):
             for v in getattr(self, name):
                 if v < 1:
@@ -83,6 +85,11 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data order and input-scale sample (shared by every SAE of the pass)."""
+        return self.seed[0]
+
 
 @dataclass
 class SweepMember:
@@ -90,6 +97,8 @@ class SweepMember:
     name: str
     arch: ArchConfig
     lr: float
+    seed: int = 0
+    init_seed: int = 0  # the weights' generator seed: seed · 1000 + the index of the arch × k × expansion × lr combination
 
 
 def default_lr(d_sae: int) -> float:
@@ -102,10 +111,14 @@ def default_lr(d_sae: int) -> float:
 
 
 def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
-    """Every distinct arch × k × expansion × lr combination (k is ignored for relu/jumprelu)."""
+    """Every distinct arch × k × expansion × lr × seed combination (k is ignored for relu/jumprelu).
+
+    A seed replica starts from the weights a run with that seed alone starts from (same init_seed)."""
     out: list[SweepMember] = []
     seen: set[tuple] = set()
     lrs: list[float | None] = list(cfg.lr) or [None]
+    seeds = list(dict.fromkeys(cfg.seed))
+    index = 0
     for arch, k, exp, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, lrs):
         uses_k = arch in ("topk", "batchtopk")
         key = (arch, k if uses_k else None, exp, lr)
@@ -117,5 +130,8 @@ def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
                        aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
         real_lr = default_lr(d_sae) if lr is None else lr
         name = f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_lr{lr:g}" if len(lrs) > 1 else "")
-        out.append(SweepMember(name, a, real_lr))
+        for seed in seeds:
+            out.append(SweepMember(name + (f"_s{seed}" if len(seeds) > 1 else ""), a, real_lr, seed,
+                                   seed * 1000 + index))
+        index += 1
     return out
