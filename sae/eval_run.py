@@ -226,15 +226,19 @@ def run_eval(cfg: EvalConfig, strict: bool = False, sae_dir: str | None = None,
     if full:
         from sae.eval_suite import build_probe_pool, build_word_pool, run_absorption, run_probing
         bound = outlier_threshold(store, hook)
+        log.info("%s: probing windows (%d per corpus) through the model", sae_dir, cfg.probe_windows)
         pool, timings["probe_activations"] = shared.pool("probe", store, hook,
                                                          lambda: build_probe_pool(model, hook, cfg, bound))
         t1 = time.perf_counter()
+        log.info("%s: fitting probes on %d tasks", sae_dir, len(pool.tasks))
         result["probing"], flat = run_probing(sae, pool, cfg, ci)
         m.update(flat)
         timings["probing"] = time.perf_counter() - t1
+        log.info("%s: %d vocabulary words through the model", sae_dir, cfg.absorption_words)
         words, timings["absorption_activations"] = shared.pool("words", store, hook,
                                                                lambda: build_word_pool(model, hook, cfg, bound))
         t1 = time.perf_counter()
+        log.info("%s: absorption probes", sae_dir)
         result["absorption"], flat = run_absorption(sae, words, ci)
         m.update(flat)
         timings["absorption"] = time.perf_counter() - t1
