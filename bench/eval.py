@@ -2,8 +2,8 @@
 
     python bench/eval.py runs/quickstart/sae [--store runs/quickstart/store.zarr] [--threads 2] [eval flags…]
 
-Runs the full suite once through its own code at its defaults (results go to a temporary folder,
-the SAE's eval.json is left alone) and prints each part's seconds and share of the total. The
+Runs the full suite once through its own code at its defaults (results go to a temporary folder
+unless `--out DIR/eval.json` is given; the SAE's eval.json is left alone) and prints each part's seconds and share of the total. The
 parts that run the model (load, CE/KL, probing and word activations) are shared by every SAE of
 one `saeforge eval A B C` command; the per-SAE parts are reconstruction, probing and absorption.
 """
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, _ = parse_config(EvalConfig, [*args, "--suite", "full", "--wandb", "disabled", "--quiet",
-                                           "--out", os.path.join(tmp, "eval.json")], section="eval", prog="bench/eval.py")
+        out = [] if "--out" in args else ["--out", os.path.join(tmp, "eval.json")]  # --out DIR/eval.json keeps the report
+        cfg, _ = parse_config(EvalConfig, [*args, "--suite", "full", "--wandb", "disabled", "--quiet", *out],
+                              section="eval", prog="bench/eval.py")
         import torch
         threads = cfg.threads or torch.get_num_threads()
         t0 = time.perf_counter()

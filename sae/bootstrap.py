@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def enough_units(n_units: int, spec: BootstrapSpec, what: str, fix: str) -> bool
     return False
 
 
-def add_intervals(out: dict[str, object], units: np.ndarray, figures: Callable[[np.ndarray], dict[str, np.ndarray]],
+def add_intervals(out: dict[str, Any], units: np.ndarray, figures: Callable[[np.ndarray], dict[str, np.ndarray]],
                   spec: BootstrapSpec, chunk: int = 250) -> None:
     """Put `<name>_ci95` beside every figure that `figures(resampled sums [B, m])` returns.
 

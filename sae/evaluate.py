@@ -24,14 +24,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from saeforge.errors import UserError
 from saeforge.progress import progress
-from collect.store import Store
+from collect.store import Split, Store
 from sae.architectures import SAE
 from sae.bootstrap import BootstrapSpec, UnitSums, enough_units
 
@@ -228,7 +228,7 @@ def check_split(store: Store, split: str) -> None:
         raise UserError(f"store {store.path!r} has no held-out rows (collected with --heldout-fraction "
                         f"{store.attrs.get('heldout_fraction', 0)}); re-collect with --heldout-fraction 0.05, "
                         f"or pass --split all to evaluate on rows the SAE was trained on")
-    if not store.split_mask(split).any():
+    if not store.split_mask(cast(Split, split)).any():
         raise UserError(f"store {store.path!r} has no keep rows in split {split!r}; use --split all")
 
 
@@ -253,7 +253,7 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
     units = UnitSums(unit_cap(sae.cfg.d_sae)) if ci is not None and ci.enabled else None
     acc = ReconstructionAccumulator(sae, input_scale, units=units)
     limit = tokens if tokens is not None else store.n_tokens
-    bar = progress(total=limit if tokens is not None else int(store.split_mask(split).sum()),
+    bar = progress(total=limit if tokens is not None else int(store.split_mask(cast(Split, split)).sum()),
                    desc="eval", unit="tok", quiet=quiet)
     b = batch_rows or _batch_rows(sae.cfg.d_sae)
     n_bos_outliers = 0
