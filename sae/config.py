@@ -1,7 +1,8 @@
 """The `saeforge train` config: one dataclass, TOML section [train] < command-line flags.
 
 A sweep is written with list values (`--k 16,32 --expansion 8,16`, or `k = [16, 32]` in TOML):
-every combination of arch × k × expansion × optimizer × lr is trained from one pass over the data.
+every combination of arch × k × expansion × optimizer × lr × seed is trained from one pass over the data.
+Seed replicas (`--seed 0,1,2`) differ in initialisation; they share the data order of the first seed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class TrainConfig:
     bias_lr_scale: float = option(0.01, "lr of b_enc and b_dec = this × --lr (biases live in input units)")
     tokens: int = option(2_000_000, "training tokens")
     batch_size: int = option(4096, "tokens per step")
-    seed: int = option(0, "seed for initialisation and data order")
+    seed: list[int] = option([0], "seed(s) for initialisation (a list trains seed replicas in one pass); the first "
+                                  "also orders the data")
     device: str = option("cpu", "cpu or cuda[:i]")
     threads: int = option(0, "torch CPU threads (0: leave torch's default)")
     resume: bool = option(False, "continue the interrupted run in --out exactly")
@@ -69,8 +71,8 @@ class TrainConfig:
         check_choices(self)
         if not self.store:
             raise UserError("no store given; pass --store PATH.zarr (written by `saeforge collect`)")
-        if not self.arch or not self.k or not self.expansion:
-            raise UserError("--arch, --k and --expansion need at least one value")
+        if not self.arch or not self.k or not self.expansion or not self.seed:
+            raise UserError("--arch, --k, --expansion and --seed need at least one value")
         for name in ("k", "expansion"):
             for v in getattr(self, name):
                 if v < 1:
@@ -101,6 +103,11 @@ class TrainConfig:
         """Tokens without firing after which a latent counts as dead: AuxK engages within the run."""
         return self.dead_tokens or min(10_000_000, max(self.tokens // 10, 1))
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data order and input-scale sample (shared by every SAE of the pass)."""
+        return self.seed[0]
+
 
 @dataclass
 class SweepMember:
@@ -109,14 +116,20 @@ class SweepMember:
     arch: ArchConfig
     lr: float
     optimizer: str = "adam"
+    seed: int = 0
+    init_seed: int = 0  # the weights' generator seed: seed · 1000 + the index of the arch × k × expansion × optimizer × lr combination
 
 
 def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
-    """Every distinct arch × k × expansion × optimizer × lr combination (k is ignored for relu/jumprelu)."""
+    """Every distinct arch × k × expansion × optimizer × lr × seed combination (k is ignored for relu/jumprelu).
+
+    A seed replica starts from the weights a run with that seed alone starts from (same init_seed)."""
     out: list[SweepMember] = []
     seen: set[tuple] = set()
     lrs: list[float | None] = list(cfg.lr) or [None]
     opts = list(dict.fromkeys(cfg.optimizer))
+    seeds = list(dict.fromkeys(cfg.seed))
+    index = 0
     for arch, k, exp, opt, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, opts, lrs):
         uses_k = arch in ("topk", "batchtopk")
         key = (arch, k if uses_k else None, exp, opt, lr)
@@ -129,5 +142,8 @@ def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
         real_lr = default_lr(opt, d_sae) if lr is None else lr
         name = (f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_{opt}" if len(opts) > 1 else "")
                 + (f"_lr{lr:g}" if len(lrs) > 1 else ""))
-        out.append(SweepMember(name, a, real_lr, opt))
+        for seed in seeds:
+            out.append(SweepMember(name + (f"_s{seed}" if len(seeds) > 1 else ""), a, real_lr, opt, seed,
+                                   seed * 1000 + index))
+        index += 1
     return out

@@ -1,14 +1,17 @@
-"""`saeforge eval SAE_DIR [--store S.zarr] [--tokens N] [--ce-tokens N] [--device cpu]`.
+"""`saeforge eval SAE_DIR [MORE_DIRS…] [--suite basic|full] [--compare] [--store S.zarr] [--tokens N] …`.
 
-Prints a table, writes SAE_DIR/eval.json and, when cfg.json records a wandb run id, logs the
-metrics to that run (resumed with `wandb.init(id=..., resume="allow")`, offline by default).
+Prints a table (every estimated figure as `value ± half-width` of its bootstrap 95% interval),
+writes SAE_DIR/eval.json (+ eval_report.md and eval_plots/ with --suite full) and, when cfg.json
+records a wandb run id, logs the metrics to that run (resumed with `wandb.init(id=..., resume="allow")`,
+offline by default). Several SAEs are evaluated in turn; `--compare` puts them side by side.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from saeforge.config import parse_config
-from sae.eval_run import EvalConfig, run_eval
+from sae.eval_report import pm
+from sae.eval_run import EvalConfig, run_evals
 
 
 ROWS = [
@@ -26,6 +29,11 @@ ROWS = [
     ("ce_loss_clean", "CE clean"), ("ce_loss_sae", "CE with SAE"), ("ce_loss_zero", "CE zero-ablated"),
     ("ce_loss_score", "CE loss recovered"), ("kl_div_sae", "KL(clean‖SAE)"), ("kl_div_zero", "KL(clean‖zero)"),
     ("kl_div_score", "KL score"), ("ce_positions", "predicted positions"),
+    ("sparse probing (held-out accuracy, mean over tasks)", None),
+    ("probe_mean_raw_acc", "probe on raw activations"),
+    *((f"probe_mean_top{k}_acc", f"probe on top-{k} SAE latents") for k in (1, 2, 5, 10, 20, 50)),
+    ("feature absorption (first letter)", None),
+    ("absorption_full_absorption_rate", "full-absorption rate"), ("absorption_absorption_fraction", "absorption fraction"),
 ]
 
 
@@ -41,26 +49,35 @@ def format_table(m: dict[str, Any]) -> str:
         if header is not None:
             lines.append(f"\n{header}")
             header = None
-        v = m[key]
-        s = "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.6g}")
-        lines.append(f"  {label:<36} {s:>14}")
+        lines.append(f"  {label:<36} {pm(m, key, 6):>24}")
     h = m.get("latent_density_hist")
     if h:
         lines.append("\nlatent density (log10 bins)")
-        lines.append(f"  {'dead':<36} {h['dead']:>14,}")
+        lines.append(f"  {'dead':<36} {h['dead']:>24,}")
         e = h["log10_edges"]
         for i, c in enumerate(h["counts"]):
             if c:
                 close = "]" if i == len(h["counts"]) - 1 else ")"
-                lines.append(f"  [{e[i]:+.1f}, {e[i + 1]:+.1f}{close}{'':<24} {c:>14,}")
+                lines.append(f"  [{e[i]:+.1f}, {e[i + 1]:+.1f}{close}{'':<24} {c:>24,}")
     return "\n".join(lines).lstrip("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(EvalConfig, argv, section="eval", prog="saeforge eval",
-                          description="evaluate an SAE: reconstruction, sparsity, CE loss recovered and KL with the "
-                                      "SAE spliced into the model")
-    result, out = run_eval(cfg)
-    print(format_table(result["metrics"]))
-    print(f"\nwrote {out}" + (f"; logged to wandb run {result['wandb_run_id']}" if result["wandb_run_id"] else ""))
+                          description="evaluate SAEs: reconstruction, sparsity, CE loss recovered and KL with the "
+                                      "SAE spliced into the model (--suite full: + sparse probing, feature absorption "
+                                      "and a report), every figure with a bootstrap 95% interval")
+    results = run_evals(cfg, strict=True)
+    for result, out in results:
+        if len(results) > 1:
+            print(f"\n== {result['sae_dir']}")
+        print(format_table(result["metrics"]))
+        if result.get("report"):
+            print(f"\nreport {result['report']}")
+        print(f"\nwrote {out}" + (f"; logged to wandb run {result['wandb_run_id']}" if result.get("wandb_run_id") else ""))
+    if cfg.compare:
+        from sae.eval_compare import compare, format_compare, write_compare
+        cmp = compare([r for r, _ in results])
+        print("\n" + format_compare(cmp))
+        print(f"\nwrote {write_compare(cmp, cfg.compare_dir)}")
     return 0

@@ -24,15 +24,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from saeforge.errors import UserError
 from saeforge.progress import progress
-from collect.store import Store
+from collect.store import Split, Store
 from sae.architectures import SAE
+from sae.bootstrap import BootstrapSpec, UnitSums, enough_units
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,14 @@ class _RowSet:
     def __post_init__(self) -> None:
         self.moments = _Moments(self.d)
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, err: torch.Tensor, cos: torch.Tensor, l2r: torch.Tensor) -> None:
+        """Rows x with their per-row ‖x − x̂‖², cosine and norm ratio (float64)."""
         if x.shape[0] == 0:
             return
-        xd, hd = x.double(), x_hat.double()
         self.moments.add(x)
-        self.sq_err += float((xd - hd).pow(2).sum())
-        nx, nh = xd.norm(dim=1), hd.norm(dim=1)
-        self.cos += float(((xd * hd).sum(1) / (nx * nh).clamp_min(1e-30)).sum())
-        self.l2_ratio += float((nh / nx.clamp_min(1e-30)).sum())
+        self.sq_err += float(err.sum())
+        self.cos += float(cos.sum())
+        self.l2_ratio += float(l2r.sum())
 
     def result(self, prefix: str = "") -> dict[str, float]:
         n = self.moments.n
@@ -101,12 +101,15 @@ class ReconstructionAccumulator:
     """Feed batches of raw rows (with masks saying which set each row is in); read exact metrics.
 
     Primary metrics (fvu, mse, cossim, l2_ratio, l0, densities) are over the rows with `main` true.
-    `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed."""
+    `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed. With
+    `units` (a `sae.bootstrap.UnitSums`) and the rows' sequence ids, the same sums are also kept
+    per sequence for the bootstrap intervals (`sae.eval_intervals`)."""
     sae: SAE
     input_scale: float = 1.0
     fire_counts: torch.Tensor = None  # type: ignore[assignment]
     active_sum: float = 0.0
     sets: dict[str, _RowSet] = field(default_factory=dict)
+    units: UnitSums | None = None
 
     def __post_init__(self) -> None:
         d = self.sae.cfg.d_in
@@ -122,7 +125,8 @@ class ReconstructionAccumulator:
         return f, (x_hat / s if s != 1.0 else x_hat)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None,
+            seq: np.ndarray | None = None) -> None:
         dev = next(self.sae.parameters()).device
         x = x.to(dev, torch.float32)
         main = torch.ones(len(x), dtype=torch.bool) if main is None else main.cpu()
@@ -132,10 +136,24 @@ class ReconstructionAccumulator:
         active = (f > 0).cpu()
         self.fire_counts += active[main].sum(0)
         self.active_sum += float(active[main].sum())
-        self.sets[""].add(x[main], x_hat[main])
+        xd, hd = x.double(), x_hat.double()
+        err = (xd - hd).pow(2).sum(1)
+        nx, nh = xd.norm(dim=1), hd.norm(dim=1)
+        cos = (xd * hd).sum(1) / (nx * nh).clamp_min(1e-30)
+        l2r = nh / nx.clamp_min(1e-30)
         wo = main | outlier
-        self.sets["with_outliers_"].add(x[wo], x_hat[wo])
-        self.sets["all_rows_"].add(x, x_hat)
+        for prefix, m in (("", main), ("with_outliers_", wo), ("all_rows_", torch.ones_like(main))):
+            self.sets[prefix].add(x[m], err[m], cos[m], l2r[m])
+        if self.units is not None and seq is not None:
+            vals: dict[str, torch.Tensor] = {}
+            for prefix, m in (("", main), ("with_outliers_", wo), ("all_rows_", torch.ones_like(main))):
+                w = m.double()
+                vals.update({prefix + "n": w, prefix + "sq": err * w, prefix + "s2": xd.pow(2).sum(1) * w,
+                             prefix + "s1": xd * w[:, None]})
+            w = main.double()
+            vals.update(cos=cos * w, l2r=l2r * w, active=active.sum(1).double() * w,
+                        fires=(active & main[:, None]).to(torch.int32))
+            self.units.add(seq, **vals)
 
     @property
     def n_rows(self) -> int:
@@ -210,25 +228,32 @@ def check_split(store: Store, split: str) -> None:
         raise UserError(f"store {store.path!r} has no held-out rows (collected with --heldout-fraction "
                         f"{store.attrs.get('heldout_fraction', 0)}); re-collect with --heldout-fraction 0.05, "
                         f"or pass --split all to evaluate on rows the SAE was trained on")
-    if not store.split_mask(split).any():
+    if not store.split_mask(cast(Split, split)).any():
         raise UserError(f"store {store.path!r} has no keep rows in split {split!r}; use --split all")
 
 
 @torch.no_grad()
+def unit_cap(d_sae: int) -> int:
+    """Bootstrap units kept per evaluation (≤ 2× this): per-latent fire counts stay near 128 MB."""
+    return int(max(64, min(1024, (1 << 24) // max(d_sae, 1))))
+
+
 def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None = None, split: str = "heldout",
                            input_scale: float = 1.0, batch_rows: int | None = None,
-                           quiet: bool = True) -> dict[str, Any]:
+                           quiet: bool = True, ci: BootstrapSpec | None = None) -> dict[str, Any]:
     """Reconstruction and sparsity over the first `tokens` keep rows of `split` in store order.
 
     The store is scanned in order until `tokens` keep rows of the split are seen (all of them when
-    None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span."""
+    None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span.
+    With `ci`, every figure gets a `<name>_ci95` bootstrap interval over the span's sequences."""
     check_split(store, split)
     thr = outlier_threshold(store, hook)
     was = sae.training
     sae.eval()
-    acc = ReconstructionAccumulator(sae, input_scale)
+    units = UnitSums(unit_cap(sae.cfg.d_sae)) if ci is not None and ci.enabled else None
+    acc = ReconstructionAccumulator(sae, input_scale, units=units)
     limit = tokens if tokens is not None else store.n_tokens
-    bar = progress(total=limit if tokens is not None else int(store.split_mask(split).sum()),
+    bar = progress(total=limit if tokens is not None else int(store.split_mask(cast(Split, split)).sum()),
                    desc="eval", unit="tok", quiet=quiet)
     b = batch_rows or _batch_rows(sae.cfg.d_sae)
     n_bos_outliers = 0
@@ -259,8 +284,9 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
             if not torch.isfinite(x[m]).all():
                 raise UserError(f"store {store.path!r} hook {hook!r} has NaN/inf activations in rows [{a}, {e}); "
                                 f"recollect it (e.g. with --dtype float32)")
+            seq = store.seq(a, e)[idx] if units is not None else None
             for s in range(0, len(x), b):
-                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b])
+                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b], None if seq is None else seq[s:s + b])
             bar.update(int(m.sum()))
     finally:
         bar.close()
@@ -272,17 +298,25 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
     r["outlier_threshold"] = thr
     r["n_outlier_rows"] = None if thr is None else r["with_outliers_n_rows"] - r["n_rows"]
     r["n_outlier_rows_at_pos0"] = None if thr is None else n_bos_outliers  # BOS rows whose norm is massive too
+    if units is not None and ci is not None:
+        r["n_sequences"] = units.n_seq
+        if enough_units(units.n_seq, ci, f"the evaluated span of store {store.path!r} ({split} split)",
+                        "evaluate more rows (--tokens 0 takes all) or re-collect with a larger --heldout-fraction"):
+            from sae.eval_intervals import add_reconstruction_intervals
+            add_reconstruction_intervals(r, units, sae.cfg.d_in, ci)
     return r
 
 
 def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None = 100_000, ce_tokens: int = 0,
                  model: Any = None, split: str = "heldout", input_scale: float = 1.0,
-                 batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True) -> dict[str, Any]:
+                 batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True,
+                 ci: BootstrapSpec | None = None) -> dict[str, Any]:
     """All metrics of `sae` (raw-activation units unless `input_scale` ≠ 1) as one flat dict.
 
     tokens: keep rows of `split` for reconstruction/sparsity (None: all). ce_tokens: tokens of
     whole held-out sequences for the downstream CE/KL metrics (0: skip them; no model needed).
-    model: a collect.model.LoadedModel; None loads the store's model when ce_tokens > 0."""
+    model: a collect.model.LoadedModel; None loads the store's model when ce_tokens > 0.
+    ci: bootstrap intervals (`<name>_ci95`) over held-out sequences; None: none."""
     st = Store.open(store) if isinstance(store, str) else store
     if hook not in st.hooks:
         raise UserError(f"hook point {hook!r} is not in store {st.path!r}; it holds {st.hooks}")
@@ -291,7 +325,7 @@ def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None 
                         f"pass the store it was trained on")
     t0 = time.perf_counter()
     out: dict[str, Any] = {"hook_point": hook, "store": st.path, "split": split}
-    out.update(reconstruction_metrics(sae, st, hook, tokens, split, input_scale, batch_rows, quiet))
+    out.update(reconstruction_metrics(sae, st, hook, tokens, split, input_scale, batch_rows, quiet, ci))
     out["recon_seconds"] = round(time.perf_counter() - t0, 3)
     if ce_tokens and ce_tokens > 0:
         from sae.splice import downstream_metrics
@@ -299,7 +333,7 @@ def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None 
         if model is None:
             model = load_store_model(st, device=str(next(sae.parameters()).device))
         out.update(downstream_metrics(sae, st, hook, model, ce_tokens, split=split, input_scale=input_scale,
-                                      batch_tokens=ce_batch_tokens, quiet=quiet))
+                                      batch_tokens=ce_batch_tokens, quiet=quiet, ci=ci))
         out["ce_seconds"] = round(time.perf_counter() - t1, 3)
     return out
 

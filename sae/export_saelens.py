@@ -72,7 +72,7 @@ def saelens_config(cfg: dict[str, Any], sae_dir: str = "") -> dict[str, Any]:
         "model_class_name": "AutoModelForCausalLM",
         "activation_fn": "topk" if arch == "topk" else "relu", "finetuning_scaling_factor": False,
         "sae_lens_training_version": None, "training_tokens": cfg.get("training_tokens"),
-        "seed": train_cfg.get("seed"),
+        "seed": cfg.get("seed", train_cfg.get("seed")),  # this SAE's seed (a sweep's config holds a list)
     }
     if arch == "topk":
         out["k"] = cfg["k"]

@@ -30,6 +30,8 @@ from collect.hooks import HookCall, hooks
 from saeforge.progress import progress
 from collect.store import Store
 from sae.architectures import SAE
+from sae.bootstrap import BootstrapSpec, add_intervals, enough_units
+from sae.eval_intervals import DOWNSTREAM_SUMS, downstream_figures
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +106,13 @@ def splice_edit(sae: SAE, input_scale: float = 1.0):
 
 @torch.no_grad()
 def downstream_metrics(sae: SAE, store: Store, hook: str, model: Any, ce_tokens: int, split: str = "heldout",
-                       input_scale: float = 1.0, batch_tokens: int = 512, quiet: bool = True) -> dict[str, Any]:
+                       input_scale: float = 1.0, batch_tokens: int = 512, quiet: bool = True,
+                       ci: BootstrapSpec | None = None) -> dict[str, Any]:
     """CE loss clean / with the SAE / zero-ablated, CE loss recovered, KL and KL score (see module doc).
 
     `model`: a collect.model.LoadedModel (the store's model). `ce_tokens` is rounded up to whole
-    sequences of the store's context."""
+    sequences of the store's context. With `ci`, each figure gets a `<name>_ci95` bootstrap
+    interval over the sequences."""
     T = store.context
     n_seq = max(1, math.ceil(ce_tokens / T))
     tokens, keep, pos = split_sequences(store, n_seq, split)
@@ -121,6 +125,7 @@ def downstream_metrics(sae: SAE, store: Store, hook: str, model: Any, ce_tokens:
     fn, set_batch = splice_edit(sae, input_scale)
     B = max(1, batch_tokens // T)
     sums = {k: 0.0 for k in ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")}
+    per_seq: list[np.ndarray] = []  # [b, 6] sums per sequence in DOWNSTREAM_SUMS order
     n_pred = 0
     bar = progress(total=n_seq * T, desc="ce/kl", unit="tok", quiet=quiet)
     try:
@@ -134,13 +139,15 @@ def downstream_metrics(sae: SAE, store: Store, hook: str, model: Any, ce_tokens:
                 target = ids[:, 1:]
                 lp_clean = F.log_softmax(logits[:b], dim=-1)
                 p_clean = lp_clean.exp()
-                sums["ce_clean"] += _masked_sum(-lp_clean.gather(-1, target.unsqueeze(-1)).squeeze(-1), mask)
+                rows = {"ce_clean": _row_sums(-lp_clean.gather(-1, target.unsqueeze(-1)).squeeze(-1), mask)}
                 for name, sl in (("sae", slice(b, 2 * b)), ("zero", slice(2 * b, 3 * b))):
                     lp = F.log_softmax(logits[sl], dim=-1)
-                    sums[f"ce_{name}"] += _masked_sum(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1), mask)
-                    kl = (p_clean * (lp_clean - lp)).sum(-1)
-                    sums[f"kl_{name}"] += _masked_sum(kl, mask)
+                    rows[f"ce_{name}"] = _row_sums(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1), mask)
+                    rows[f"kl_{name}"] = _row_sums((p_clean * (lp_clean - lp)).sum(-1), mask)
                     del lp
+                for k, v in rows.items():
+                    sums[k] += float(v.sum())
+                per_seq.append(torch.stack([rows[k] for k in DOWNSTREAM_SUMS[:5]] + [mask.sum(1).double().cpu()], 1).numpy())
                 n_pred += int(mask.sum())
                 del logits, lp_clean, p_clean
                 bar.update(b * T)
@@ -151,7 +158,7 @@ def downstream_metrics(sae: SAE, store: Store, hook: str, model: Any, ce_tokens:
         raise UserError(f"no predicted positions in {n_seq} sequences of context {T}; use a store with --context >= 3")
     m = {k: v / n_pred for k, v in sums.items()}
     den = m["ce_zero"] - m["ce_clean"]
-    return {
+    out = {
         "ce_loss_clean": m["ce_clean"], "ce_loss_sae": m["ce_sae"], "ce_loss_zero": m["ce_zero"],
         "ce_loss_increase": m["ce_sae"] - m["ce_clean"],
         "ce_loss_score": (m["ce_zero"] - m["ce_sae"]) / den if den != 0 else math.nan,
@@ -160,7 +167,12 @@ def downstream_metrics(sae: SAE, store: Store, hook: str, model: Any, ce_tokens:
         "ce_sequences": n_seq, "ce_tokens": n_seq * T, "ce_positions": n_pred,
         "ce_spliced_positions": int(keep.sum()),
     }
+    if ci is not None and enough_units(n_seq, ci, f"the CE/KL evaluation ({n_seq} {split} sequences of store "
+                                                   f"{store.path!r})", f"raise --ce-tokens to {ci.min_units * T}"):
+        add_intervals(out, np.concatenate(per_seq), downstream_figures, ci)
+    return out
 
 
-def _masked_sum(v: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(v.double()[mask].sum())
+def _row_sums(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of v [S, T-1] over the masked positions (float64, on the CPU)."""
+    return (v.double() * mask).sum(1).cpu()

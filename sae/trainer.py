@@ -112,8 +112,8 @@ class Trainer:
         if checkpoint_exists(self.out):
             raise UserError(f"{str(self.out)!r} holds the checkpoint of an interrupted run; pass --resume to "
                             f"continue it, or choose another --out")
-        torch.manual_seed(cfg.seed)
-        sample = torch.from_numpy(sample_rows(self.store, cfg.hook, cfg.scale_sample, cfg.seed))
+        torch.manual_seed(cfg.data_seed)
+        sample = torch.from_numpy(sample_rows(self.store, cfg.hook, cfg.scale_sample, cfg.data_seed))
         if len(sample) == 0:
             raise UserError(f"store {cfg.store!r} has no training rows (all rows are held out or keep=False)")
         if not torch.isfinite(sample).all():
@@ -122,8 +122,8 @@ class Trainer:
         self.scale = unit_norm_scale(sample)
         sample = sample * self.scale
         b_dec = geometric_median(sample[:16384]) if cfg.init_b_dec == "median" else sample.mean(0)
-        for i, spec in enumerate(self.specs):
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
+        for spec in self.specs:
+            gen = torch.Generator().manual_seed(spec.init_seed)
             sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device=self.device).train()
             if cfg.init_enc_scale != 1.0:
                 with torch.no_grad():
@@ -260,7 +260,7 @@ class Trainer:
             log.warning("store %s has no held-out rows (collected with --heldout-fraction 0?): held-out metrics "
                         "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
                         cfg.store)
-        loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.seed, position=self.position,
+        loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.data_seed, position=self.position,
                                 buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
@@ -393,7 +393,7 @@ class Trainer:
             d = join(self.out, m.spec.name) if many else self.out
             meta = {"hook_point": self.cfg.hook, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                     "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
-                    "lr": m.spec.lr, "optimizer": m.spec.optimizer, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
+                    "lr": m.spec.lr, "optimizer": m.spec.optimizer, "seed": m.spec.seed, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
                     "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
                     "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(), "store_attrs": {k: self.store.attrs.get(k) for k in
                                                                     ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",

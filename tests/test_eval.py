@@ -103,11 +103,13 @@ def test_cli_writes_eval_json_and_logs_to_the_recorded_wandb_run(syn, tmp_path, 
     run.finish()
     time.sleep(1.1)  # offline run folders are named by the second: keep the eval's folder apart from the train run's
     d = _save(_rand_sae(), tmp_path / "sae", syn, wandb_run_id=run.run_id, wandb_dir=str(tmp_path))
-    assert dispatch(["eval", str(d), "--tokens", "300", "--ce-tokens", "0", "--quiet"]) == 0
+    assert dispatch(["eval", str(d), "--tokens", "300", "--ce-tokens", "0", "--quiet", "--min-sequences", "4"]) == 0
     out = capsys.readouterr().out
-    assert "FVU" in out and "L0" in out and run.run_id in out
+    assert "FVU" in out and "L0" in out and run.run_id in out and "±" in out
     res = json.loads((d / "eval.json").read_text())
     assert res["metrics"]["n_rows"] == 300 and 0 < res["metrics"]["fvu"]
+    lo, hi = res["metrics"]["fvu_ci95"]
+    assert lo < res["metrics"]["fvu"] < hi and res["metrics"]["n_sequences"] == 5
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run.run_id}"))) == 2  # the train run + eval resume
 
 
@@ -233,12 +235,45 @@ def test_cli_on_real_store_reports_outliers(real, smollm2, monkeypatch, tmp_path
     store, sae_dir = real
     monkeypatch.setattr(ev, "load_store_model", lambda st, device="cpu": smollm2)
     out = tmp_path / "e.json"
-    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--tokens", "0", "--ce-tokens", "64",
-                     "--quiet", "--wandb", "disabled", "--out", str(out)]) == 0
+    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--tokens", "0", "--ce-tokens", "256",
+                     "--quiet", "--wandb", "disabled", "--out", str(out), "--min-sequences", "4"]) == 0
     m = json.loads(out.read_text())["metrics"]
+    for k in ("fvu", "with_outliers_fvu", "all_rows_fvu", "ce_loss_score", "kl_div_score"):
+        assert m[k + "_ci95"][0] <= m[k] <= m[k + "_ci95"][1], k
     assert m["n_rows"] == int(store.split_mask("heldout").sum())
     assert m["outlier_threshold"] > 0 and m["with_outliers_n_rows"] == m["n_rows"] + m["n_outlier_rows"]
     assert m["all_rows_n_rows"] == int(store.heldout().sum())
     assert 0 <= m["n_outlier_rows_at_pos0"] <= m["n_outlier_rows"]
     for k in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_score", "kl_div_sae", "kl_div_score"):
         assert np.isfinite(m[k]), k
+
+
+@pytest.mark.slow
+def test_full_suite_writes_intervals_probing_absorption_and_report(real, smollm2, monkeypatch, tmp_path, capsys):
+    import sae.evaluate as ev
+    store, sae_dir = real
+    monkeypatch.setattr(ev, "load_store_model", lambda st, device="cpu": smollm2)
+    out = tmp_path / "e.json"
+    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--suite", "full", "--probe-windows", "48",
+                     "--probe-context", "32", "--absorption-words", "1500", "--ce-tokens", "256", "--min-sequences",
+                     "4", "--bootstrap", "200", "--quiet", "--wandb", "disabled", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "±" in printed and "probe on top-1 SAE latents" in printed
+    res = json.loads(out.read_text())
+    m = res["metrics"]
+    for k in ("fvu", "cossim", "l0", "ce_loss_score", "kl_div_sae", "probe_mean_raw_acc", "probe_mean_top1_acc",
+              "absorption_full_absorption_rate", "absorption_absorption_fraction"):
+        lo, hi = m[k + "_ci95"]
+        assert lo <= m[k] <= hi, k
+    tasks = res["probing"]["tasks"]
+    for name in ("corpus", "digit", "capital", "first_letter"):
+        assert 0.5 < tasks[name]["raw_acc"] <= 1 and "top20_acc_ci95" in tasks[name], name
+    assert tasks["corpus"]["raw_acc"] > 0.8  # python-docs vs wikitext is easy for the raw activations
+    ab = res["absorption"]
+    assert len(ab["letters"]) >= 3 and all(0 <= r["full_absorption_rate"] <= 1 for r in ab["letters"].values())
+    assert set(res["timings"]) >= {"load_model", "reconstruction", "ce_kl", "probe_activations", "probing",
+                                   "absorption_activations", "absorption", "report"}
+    report = (tmp_path / "eval_report.md").read_text()
+    assert "±" in report and "## Sparse probing" in report and "## Feature absorption" in report
+    assert {p.name for p in (tmp_path / "eval_plots").iterdir()} == {"probing_vs_k.png", "absorption_letters.png",
+                                                                    "latent_density.png"}
