@@ -128,7 +128,7 @@ def from_sae(model: torch.nn.Module | None, sae_dir: str | Path, latent: int,
                           {"source": f"sae:{sae_dir}#{latent}", "source_point": hp, "sae_model": cfg.get("model")})
 
 
-def _d_model(model: torch.nn.Module) -> int:
+def _d_model(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[-1])
 
 

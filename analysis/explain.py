@@ -137,7 +137,7 @@ class Negatives:
     def pick(self, latent: int, n: int, seed: int) -> list[str]:
         free = np.flatnonzero(~self.active[:, latent])
         rng = np.random.default_rng([seed, latent])
-        take = rng.choice(free, size=min(n, free.size), replace=False) if free.size else []
+        take: Any = rng.choice(free, size=min(n, free.size), replace=False) if free.size else []
         return [excerpt([self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in self.tokens[int(j)]])
                 for j in take]
 
@@ -300,7 +300,9 @@ def explain_latents(out: str | Path, explainer: ChatModel, scorer: ChatModel, se
         texts = explainer.generate([explain_prompt(t, prime) for t in tops], settings.max_new_tokens)
         if prime:
             texts = [f"{PRIME} {t.strip()}" for t in texts]
-        convs, spans, results = [], [], []
+        convs: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        results: list[dict[str, Any]] = []
         for i, r, t in zip(group, recs, texts):
             pos = [excerpt(x["tokens"]) for x in r["activations"] if x["kind"] == "quantile"][:settings.n_test]
             neg = negatives.pick(i, len(pos), settings.seed) if negatives is not None else []
@@ -309,12 +311,12 @@ def explain_latents(out: str | Path, explainer: ChatModel, scorer: ChatModel, se
             truth = [True] * len(pos) + [False] * len(neg)
             expl = clean_explanation(t)
             label = cols["label"][i]
-            lab = label_tokens(label)
+            lab_text = label_tokens(label)
             start = len(convs)
-            convs += [detect_prompt(expl, x) for x in tests] + [detect_prompt(lab, x) for x in tests]
+            convs += [detect_prompt(expl, x) for x in tests] + [detect_prompt(lab_text, x) for x in tests]
             spans.append((start, len(tests)))
             results.append({"latent": i, "explanation": expl, "raw": t.strip()[:500], "label": label,
-                            "label_explanation": lab, "n_pos": len(pos), "n_neg": len(neg), "truth": truth})
+                            "label_explanation": lab_text, "n_pos": len(pos), "n_neg": len(neg), "truth": truth})
         probs = scorer.yes_prob(convs) if convs else []
         for res, (start, k) in zip(results, spans):
             truth = res.pop("truth")

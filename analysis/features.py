@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from saeforge.errors import UserError
 from saeforge.progress import progress
-from collect.store import Store
+from collect.store import Split, Store
+from sae.architectures import SAE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ NEG_INF = float("-inf")
 # ---- sparse encoding ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def encode_triples(sae: torch.nn.Module, x: torch.Tensor, batch: int = 1024
+def encode_triples(sae: SAE, x: torch.Tensor, batch: int = 1024
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zero latents of rows `x` [n, d_in] as (row, latent, value) triples, row-major.
 
@@ -176,6 +177,7 @@ class Block:
         inside &= self.seq[rc] == self.seq[local].unsqueeze(1)
         tok = torch.where(inside, self.tokens[rc], torch.full_like(rc, -1, dtype=torch.int32))
         want = rc * self.d_sae + lat.unsqueeze(1)
+        assert self._order is not None
         at = torch.searchsorted(self._keys, want.reshape(-1)).clamp(max=max(self._keys.numel() - 1, 0))
         if self._keys.numel():
             hit = (self._keys[at] == want.reshape(-1)).reshape(rc.shape) & inside
@@ -260,13 +262,13 @@ class FeatureStats:
         out = [{"row": int(buf.row[i, j]), "value": float(buf.val[i, j]),
                 "token_ids": buf.tok[i, j].tolist(), "values": buf.win[i, j].tolist()} for j in keep.tolist()]
         if kind != "top":
-            out.sort(key=lambda e: e["value"])
+            out.sort(key=lambda e: float(e["value"]))  # type: ignore[arg-type]
         return out
 
 
 # ---- the pass ----------------------------------------------------------------------------------
 
-def _blocks(store: Store, hook: str, split: str, block_rows: int, quiet: bool
+def _blocks(store: Store, hook: str, split: Split, block_rows: int, quiet: bool
             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(rows, tokens, seq, mask, x of the mask rows) for sequence-aligned runs of ~block_rows."""
     ranges = store.chunk_ranges()
@@ -307,7 +309,7 @@ def _blocks(store: Store, hook: str, split: str, block_rows: int, quiet: bool
 
 
 @torch.no_grad()
-def feature_stats(sae: torch.nn.Module, store: Store, hook: str, split: str = "all", top: int = 20,
+def feature_stats(sae: SAE, store: Store, hook: str, split: Split = "all", top: int = 20,
                   samples: int = 16, window: int = 10, bins: int = 50, block_rows: int = 8192,
                   encode_batch: int = 1024, seed: int = 0, quiet: bool = True) -> FeatureStats:
     """One streaming pass: density, max, mean, top-N with contexts, reservoir samples, histograms."""
@@ -347,7 +349,7 @@ def feature_stats(sae: torch.nn.Module, store: Store, hook: str, split: str = "a
 
 
 @torch.no_grad()
-def encode_rate(sae: torch.nn.Module, store: Store, hook: str, split: str = "all", max_rows: int | None = None,
+def encode_rate(sae: SAE, store: Store, hook: str, split: Split = "all", max_rows: int | None = None,
                 encode_batch: int = 1024) -> tuple[int, float]:
     """The bound the stats pass is measured against: read the same rows and encode them, nothing
     else. Returns (rows encoded, seconds)."""

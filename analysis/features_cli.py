@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from analysis.dashboard import install_viewer
     from analysis.features import encode_rate, feature_stats
     from analysis.features_io import write_features
-    from analysis.labels import logit_table, vocab_strings
+    from analysis.labels import logit_table, unembedding, vocab_strings
     from sae.io import check_store_match, load_sae, read_cfg, sae_summary
 
     cfg, _ = parse_config(FeaturesConfig, argv, section="features", prog="saeforge features",
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates |= {"encode_only_rows_per_s": n / max(s, 1e-9), "encode_only_seconds": s}
     t0 = time.perf_counter()
     logits = logit_table(sae.W_dec.detach(), lm.model, top=cfg.logits)
-    vocab = vocab_strings(lm.tokenizer, int(lm.model.get_output_embeddings().weight.shape[0]))
+    vocab = vocab_strings(lm.tokenizer, unembedding(lm.model).shape[0])
     meta_out = {"sae": {"path": absolute(cfg.sae), **meta, "hook_point": hook},
                 "store": {"path": absolute(cfg.store), "n_tokens": store.n_tokens, "split": cfg.split,
                           "rows_counted": stats.n_rows, "corpus": store.attrs.get("corpus")},

@@ -12,6 +12,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+from typing import Any
+
 import torch
 
 from collect.layers import discover_layout
@@ -39,7 +41,7 @@ def final_norm_gain(model: torch.nn.Module) -> tuple[torch.Tensor | None, bool]:
     return w, centre
 
 
-def unembedding(model: torch.nn.Module) -> torch.Tensor:
+def unembedding(model: Any) -> torch.Tensor:
     """W_U as [vocab, d_model]."""
     return model.get_output_embeddings().weight.detach().float()
 
@@ -125,7 +127,7 @@ def make_label(max_tokens: list[str], out_tokens: list[str], n_in: int = 3, n_ou
     """`in1 · in2 · in3 → out1 · out2`: the most frequent tokens at the max position of the top
     examples (ties by first appearance, i.e. by activation) and the top positive output tokens."""
     counts = Counter(short_token(t) for t in max_tokens)
-    first = {}
+    first: dict[str, int] = {}
     for j, t in enumerate(short_token(t) for t in max_tokens):
         first.setdefault(t, j)
     ins = sorted(counts, key=lambda t: (-counts[t], first[t]))[:n_in]

@@ -31,6 +31,7 @@ import torch
 from analysis.features import encode_triples
 from analysis.features_io import load_features
 from saeforge.errors import UserError
+from sae.architectures import SAE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ApiError(Exception):
 class Live:
     """The model, tokenizer and SAE behind the live endpoints."""
     lm: Any                    # collect.model.LoadedModel
-    sae: torch.nn.Module
+    sae: SAE
     hook: str
     prepend_bos: bool = True
 
@@ -153,6 +154,7 @@ class Live:
         from analysis.directions import SteeringVector, canonical_point
         from analysis.steer_apply import steer
         from analysis.steer_eval import encode, generate
+        from analysis.steer_sampling import Sampling
         i = self.check_latent(latent)
         if i is None:
             raise ApiError(400, "latent is required")
@@ -170,8 +172,9 @@ class Live:
             sv = SteeringVector({point: self.sae.W_dec[i].detach().float().cpu()},
                                 {"source": f"sae latent {i}", "source_point": point})
             ids = encode(tok, prompt)
-            base = generate(model, tok, ids, n, s, temp)
-            steered = generate(model, tok, ids, n, s, temp, ctx=steer(model, sv, coeff=c))
+            sampling = Sampling(temperature=temp, seed=s)  # llama.cpp's chain and defaults, as `saeforge steer`
+            base = generate(model, tok, ids, n, sampling)
+            steered = generate(model, tok, ids, n, sampling, ctx=steer(model, sv, coeff=c))
         return {"latent": i, "coeff": c, "prompt": prompt, "hook_point": point, "seed": s, "temperature": temp,
                 "base": tok.decode(base, skip_special_tokens=True), "steered": tok.decode(steered, skip_special_tokens=True)}
 
@@ -322,7 +325,7 @@ def make_server(features_dir: str | Path, live: Live | None, host: str = "127.0.
     if not (root / "index.html").is_file():
         from analysis.dashboard import install_viewer
         install_viewer(root)
-    handler = type("BoundHandler", (Handler,), {"root": root, "live": live, "hosts": frozenset()})
+    handler: Any = type("BoundHandler", (Handler,), {"root": root, "live": live, "hosts": frozenset()})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     p = server.server_address[1]

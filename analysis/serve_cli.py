@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = make_server(cfg.dir, live, cfg.host, cfg.port)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port") from None
-    host, port = server.server_address[0], server.server_address[1]
+    host, port = str(server.server_address[0]), int(server.server_address[1])
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"serving {cfg.dir} at http://{shown}:{port}/  (live: {'on' if live else 'off'}; Ctrl-C stops)", flush=True)
     try:

@@ -77,11 +77,17 @@ def build_probe_pool(model: Any, hook: str, cfg: "EvalConfig", bound: float | No
         sources = ("python-docs", "prose")
         docs = load_documents("python-docs")["text"]
         prose = load_documents(prose_corpus(cfg.prose_corpus))["text"]
-        ids, pieces, code, source = [], [], [], []
+        id_parts: list[np.ndarray] = []
+        pieces: list[Any] = []
+        code: list[np.ndarray] = []
+        source: list[np.ndarray] = []
         for s, texts in enumerate((docs, prose)):
             i, p, c = text_windows(texts, tok, T, cfg.probe_windows, cfg.seed + s, label_code=(s == 0))
-            ids.append(i), pieces.extend(p), code.append(c), source.append(np.full(len(i), s))
-        all_ids = np.concatenate(ids)
+            id_parts.append(i)
+            pieces.extend(p)
+            code.append(c)
+            source.append(np.full(len(i), s))
+        all_ids = np.concatenate(id_parts)
         acts = hook_activations(model.model, all_ids, hook, quiet=cfg.quiet)
         valid = _valid(acts, np.ones(all_ids.shape, dtype=bool), bound)
         windows["pool"] = _Windows(acts, valid)

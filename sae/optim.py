@@ -105,7 +105,7 @@ class TrainOptimizer:
         self.beta = 0.0
         weights = [p for n, p in named_params if n not in BIASES]
         biases = [p for n, p in named_params if n in BIASES]
-        groups = [{"params": weights, "lr_scale": 1.0}, {"params": biases, "lr_scale": bias_lr_scale}]
+        groups: list[dict[str, Any]] = [{"params": weights, "lr_scale": 1.0}, {"params": biases, "lr_scale": bias_lr_scale}]
         groups = [dict(g, lr=lr * g["lr_scale"]) for g in groups if g["params"]]
         self.opt: Any
         if name == "adam":
