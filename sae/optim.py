@@ -11,11 +11,14 @@ saving and restores y bit-exactly afterwards, so evaluating never changes the tr
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal, get_args
 
 import torch
+
+log = logging.getLogger(__name__)
 
 OptimizerName = Literal["adam", "adam-schedulefree", "signum-schedulefree"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
@@ -111,7 +114,8 @@ class TrainOptimizer:
         if name == "adam":
             try:  # the fused kernel is ~10× faster than the per-tensor loop on CPU
                 self.opt = torch.optim.Adam(groups, lr=lr, fused=True)
-            except (RuntimeError, TypeError):
+            except (RuntimeError, TypeError) as e:
+                log.warning("fused Adam is unavailable here (%s); using the per-tensor loop, about 10x slower on CPU", e)
                 self.opt = torch.optim.Adam(groups, lr=lr)
         elif name == "adam-schedulefree":
             from schedulefree import AdamWScheduleFree

@@ -80,3 +80,25 @@ def test_a_store_without_heldout_rows_says_why(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "nan" not in out.lower()
     assert "the store has no held-out rows" in out and "--heldout-fraction" in out
+
+
+def test_fused_adam_fallback_is_loud(monkeypatch, caplog):
+    """Where the fused kernel is missing, the ~10x slower loop is used and the log says so."""
+    import logging
+
+    import torch
+
+    from sae.optim import TrainOptimizer
+
+    real = torch.optim.Adam
+
+    def no_fused(params, lr, fused=None, **kw):
+        if fused:
+            raise RuntimeError("fused=True requires a supported device")
+        return real(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    w = torch.nn.Parameter(torch.zeros(3))
+    with caplog.at_level(logging.WARNING, logger="sae.optim"):
+        opt = TrainOptimizer("adam", [("W_dec", w)], lr=1e-3)
+    assert isinstance(opt.opt, real) and "fused Adam is unavailable" in caplog.text
