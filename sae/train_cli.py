@@ -25,8 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"Continue with the same command plus --resume", file=sys.stderr)
         return 130
     for path, (name, m) in zip(res.out_dirs, res.metrics.items()):
-        fvu = m.get("heldout_fvu", float("nan"))
-        print(f"{path}: held-out FVU {fvu:.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
+        if "heldout_fvu" not in m:
+            print(f"{path}: last-batch train FVU {m.get('train_fvu', float('nan')):.4f}; the store has no held-out "
+                  f"rows, so there are no held-out metrics (collect with --heldout-fraction > 0, or run "
+                  f"`saeforge eval {path} --split all` on rows the SAE trained on)")
+            continue
+        print(f"{path}: held-out FVU {m['heldout_fvu']:.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
               f"dead {m.get('heldout_dead_fraction', float('nan')):.3f}")
     print(f"{res.tokens:,} tokens at {res.tokens_per_s:,.0f} tokens/s")
     return 0

@@ -8,6 +8,7 @@ for `--resume` to end with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -36,7 +37,8 @@ from sae.wandb_log import RunLogger
 from saeforge.config import config_dict
 from saeforge.errors import UserError
 from saeforge.progress import progress
-from saeforge.urls import is_url, join
+from saeforge.locks import exclusive
+from saeforge.urls import check_output_dir, is_url, join
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class Trainer:
         self.cfg = cfg
         self.on_step = on_step
         self.stop_requested = False
+        check_output_dir(cfg.out)  # a file or unwritable --out fails now, not after training
         self.dist, device = ddp.setup(cfg.device)  # WORLD_SIZE > 1 under torchrun: data parallel
         if self.dist.enabled and cfg.batch_size % self.dist.world:
             raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks "
@@ -90,6 +93,11 @@ class Trainer:
                         "%d committed rows", cfg.store, self.store.n_tokens)
         self.d_in = self.store.d_model
         self.specs = sweep_members(cfg, self.d_in)
+        for spec in self.specs:
+            if spec.arch.arch in ("topk", "batchtopk") and spec.arch.k > spec.arch.d_sae:
+                raise UserError(f"--k {spec.arch.k} is larger than the dictionary ({spec.arch.d_sae} latents at "
+                                f"--expansion {spec.arch.d_sae // self.d_in}); use a smaller --k or a larger "
+                                f"--expansion")
         self.out: Path | str = cfg.out if is_url(cfg.out) else Path(cfg.out)  # URLs stay strings
         self.step = 0
         self.position = 0
@@ -232,6 +240,11 @@ class Trainer:
         return counts, {"loss": avg[0], "l0": avg[1], **{k: avg[2 + i] for i, k in enumerate(names)}}
 
     def run(self) -> TrainResult:
+        """Train (or resume) to the end; one run per --out (rank 0 holds OUT.lock throughout)."""
+        with exclusive(str(self.cfg.out), "SAE output") if self.dist.is_main else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         if cfg.resume:
             self._resume()
@@ -244,7 +257,9 @@ class Trainer:
         if not self.dist.is_main:
             heldout = heldout[:0]  # rank 0 evaluates
         elif len(heldout) == 0:
-            log.warning("store %s has no held-out rows: held-out metrics are skipped", cfg.store)
+            log.warning("store %s has no held-out rows (collected with --heldout-fraction 0?): held-out metrics "
+                        "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
+                        cfg.store)
         loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.seed, position=self.position,
                                 buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
@@ -290,24 +305,35 @@ class Trainer:
                     log.info("interrupted at %d tokens; checkpoint %s (continue with --resume)", tokens, path)
                     interrupted = True
                     break
+        except BaseException:
+            self._restore_signals(handlers)
+            raise
         finally:
             bar.close()
-            self._restore_signals(handlers)
         self.elapsed += 0.0 if interrupted else time.perf_counter() - t_start
         rate = session_tokens / max(time.perf_counter() - t_start, 1e-9)
         if interrupted:
+            self._restore_signals(handlers)
             logger.finish()
             ddp.barrier()  # the checkpoint is written before any rank returns
             return TrainResult([], {}, self.step * cfg.batch_size, True, rate)
-        final = self._evaluate(logger, heldout, final=True)
-        dirs: list[Path | str] = []
-        if self.dist.is_main:
-            dirs = self._save(final, rate)
-            logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
-            if len(heldout):
-                logger.summary(self._full_eval(dirs))
-            remove_checkpoint(self.out)
-        logger.finish()
+        # SIGINT/SIGTERM from here on only skip the (long) full evaluation: the SAEs are always
+        # written whole, and the checkpoint goes only once they are
+        try:
+            final = self._evaluate(logger, heldout, final=True)
+            dirs: list[Path | str] = []
+            if self.dist.is_main:
+                dirs = self._save(final, rate)
+                logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
+                if len(heldout) and not self.stop_requested:
+                    logger.summary(self._full_eval(dirs))
+                if self.stop_requested:
+                    log.warning("stop requested after training: the SAEs are saved; the full evaluation was "
+                                "skipped (run `saeforge eval DIR` for eval.json)")
+                remove_checkpoint(self.out)
+            logger.finish()
+        finally:
+            self._restore_signals(handlers)
         ddp.barrier()  # the SAE directories exist before any rank returns
         return TrainResult(dirs, final if self.dist.is_main else {}, self.step * cfg.batch_size, False, rate)
 
@@ -351,6 +377,8 @@ class Trainer:
         cfg = self.cfg
         out: dict[str, float] = {}
         for m, d in zip(self.members, dirs):
+            if self.stop_requested:
+                break
             res, _ = run_eval(EvalConfig(sae=str(d), store=str(cfg.store), tokens=cfg.eval_rows,
                                          ce_tokens=cfg.eval_ce_tokens, device=cfg.device, wandb="disabled",
                                          quiet=cfg.quiet))
