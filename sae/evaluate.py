@@ -20,11 +20,12 @@ number of rows and does not depend on the batch size:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from saeforge.errors import UserError
 from saeforge.progress import progress
 from collect.store import Store
 from sae.architectures import SAE
+from sae.loader import check_hooks, hook_list, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -96,46 +98,86 @@ class _RowSet:
                 f"{prefix}cossim": self.cos / n, f"{prefix}l2_ratio": self.l2_ratio / n, f"{prefix}n_rows": n}
 
 
+def _scale_vector(scale: float | Sequence[float], d: int) -> float | torch.Tensor:
+    """A scale per hook point (side by side, d columns each) as a column vector; a float stays a float."""
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    vals = [float(v) for v in scale]
+    return vals[0] if len(vals) == 1 else torch.tensor(vals).repeat_interleave(d)
+
+
 @dataclass
 class ReconstructionAccumulator:
     """Feed batches of raw rows (with masks saying which set each row is in); read exact metrics.
 
     Primary metrics (fvu, mse, cossim, l2_ratio, l0, densities) are over the rows with `main` true.
-    `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed."""
+    `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed.
+
+    A transcoder is scored against its target rows (`add(x, …, target=y)`); a crosscoder's rows are its
+    layers side by side, and its `fvu` is the mean of `layer_fvu` (one per layer, as it trains); a
+    Matryoshka SAE also gets `prefix_fvu`, the FVU of each nested prefix (`prefix_sizes` latents).
+    Scales (the trainer's units) may be one per hook point: `input_scale` for the inputs,
+    `output_scale` (default: input_scale) for what is reconstructed."""
     sae: SAE
-    input_scale: float = 1.0
+    input_scale: float | Sequence[float] = 1.0
+    output_scale: float | Sequence[float] | None = None
     fire_counts: torch.Tensor = None  # type: ignore[assignment]
     active_sum: float = 0.0
     sets: dict[str, _RowSet] = field(default_factory=dict)
+    layers: list[_RowSet] = field(default_factory=list)
+    prefix_sq_err: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        d = self.sae.cfg.d_in
-        self.fire_counts = torch.zeros(self.sae.cfg.d_sae, dtype=torch.int64)
+        c = self.sae.cfg
+        d = c.width
+        self.fire_counts = torch.zeros(c.d_sae, dtype=torch.int64)
         self.sets = {"": _RowSet(d), "with_outliers_": _RowSet(d), "all_rows_": _RowSet(d)}
+        self.layers = [_RowSet(c.d_in) for _ in range(c.n_layers)] if c.n_layers > 1 else []
+        self.prefix_sq_err = [0.0] * len(c.group_sizes or []) if c.arch == "matryoshka" else []
+
+    def _scales(self, dev: torch.device) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        d = self.sae.cfg.d_in
+        s_in = _scale_vector(self.input_scale, d)
+        s_out = s_in if self.output_scale is None else _scale_vector(self.output_scale, d)
+        return tuple(s.to(dev) if isinstance(s, torch.Tensor) else s for s in (s_in, s_out))  # type: ignore[return-value]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents in the SAE's units, x̂ in raw units) for raw rows x, inference rule."""
-        s = self.input_scale
-        f = self.sae.encode(x * s if s != 1.0 else x)
-        x_hat = self.sae.decode(f)
-        return f, (x_hat / s if s != 1.0 else x_hat)
+        """(latents in the SAE's units, output in raw units) for raw rows x, inference rule."""
+        s_in, s_out = self._scales(x.device)
+        f, out = self.sae.encode_decode(x * s_in)
+        return f, out / s_out
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None,
+            target: torch.Tensor | None = None) -> None:
         dev = next(self.sae.parameters()).device
         x = x.to(dev, torch.float32)
         main = torch.ones(len(x), dtype=torch.bool) if main is None else main.cpu()
         outlier = torch.zeros(len(x), dtype=torch.bool) if outlier is None else outlier.cpu()
         f, x_hat = self.reconstruct(x)
-        x, x_hat = x.cpu(), x_hat.float().cpu()
+        y = x if target is None else target.to(dev, torch.float32)
+        if self.prefix_sq_err:
+            self._add_prefixes(f, x, y, main.to(dev))
+        y, x_hat = y.cpu(), x_hat.float().cpu()
         active = (f > 0).cpu()
         self.fire_counts += active[main].sum(0)
         self.active_sum += float(active[main].sum())
-        self.sets[""].add(x[main], x_hat[main])
+        self.sets[""].add(y[main], x_hat[main])
         wo = main | outlier
-        self.sets["with_outliers_"].add(x[wo], x_hat[wo])
-        self.sets["all_rows_"].add(x, x_hat)
+        self.sets["with_outliers_"].add(y[wo], x_hat[wo])
+        self.sets["all_rows_"].add(y, x_hat)
+        for i, rs in enumerate(self.layers):
+            cols = self.sae.layer_slice(i)
+            rs.add(y[main][:, cols], x_hat[main][:, cols])
+
+    def _add_prefixes(self, f: torch.Tensor, x: torch.Tensor, y: torch.Tensor, main: torch.Tensor) -> None:
+        """Squared error of each nested prefix's reconstruction (raw units) on the main rows."""
+        s_in, s_out = self._scales(x.device)
+        skip = self.sae.skip_term(x[main] * s_in)
+        for g, rec in enumerate(self.sae.prefix_decodes(f[main])):  # type: ignore[operator]
+            rec = rec if skip is None else rec + skip
+            self.prefix_sq_err[g] += float(((rec / s_out).double() - y[main].double()).pow(2).sum())
 
     @property
     def n_rows(self) -> int:
@@ -149,6 +191,15 @@ class ReconstructionAccumulator:
             if prefix:  # secondary row sets: the headline reconstruction figures only
                 r = {k: v for k, v in r.items() if k.endswith(("fvu", "explained_variance", "mse", "n_rows"))}
             out.update(r)
+        if self.layers:  # a crosscoder trains on the mean of its layers' FVUs; the pooled figure stays too
+            out["layer_fvu"] = [rs.result()["fvu"] for rs in self.layers]
+            out["pooled_fvu"] = out["fvu"]
+            out["fvu"] = float(np.mean(out["layer_fvu"])) if n else math.nan
+            out["explained_variance"] = 1.0 - out["fvu"]
+        if self.prefix_sq_err:
+            m2 = self.sets[""].moments.m2
+            out["prefix_sizes"] = list(itertools.accumulate(self.sae.cfg.group_sizes or []))
+            out["prefix_fvu"] = [e / max(m2, 1e-300) if n else math.nan for e in self.prefix_sq_err]
         density = self.fire_counts.double() / max(n, 1)
         out["l0"] = self.active_sum / max(n, 1)
         out["dead_fraction"] = float((self.fire_counts == 0).double().mean())
@@ -172,16 +223,19 @@ def _batch_rows(d_sae: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_rows(sae: SAE, x: torch.Tensor, input_scale: float = 1.0, batch_rows: int | None = None) -> dict[str, Any]:
+def evaluate_rows(sae: SAE, x: torch.Tensor, input_scale: float | Sequence[float] = 1.0,
+                  batch_rows: int | None = None, target: torch.Tensor | None = None,
+                  output_scale: float | Sequence[float] | None = None) -> dict[str, Any]:
     """Cheap metrics on rows already in memory (all treated as evaluated rows): for the trainer's
-    periodic evaluation. `input_scale`: the SAE takes x·input_scale (x̂ is divided back)."""
+    periodic evaluation. `input_scale`: the SAE takes x·input_scale (x̂ is divided back by
+    `output_scale`, default the same); `target`: a transcoder's target rows."""
     was = sae.training
     sae.eval()
     try:
-        acc = ReconstructionAccumulator(sae, input_scale)
+        acc = ReconstructionAccumulator(sae, input_scale, output_scale)
         b = batch_rows or _batch_rows(sae.cfg.d_sae)
         for s in range(0, len(x), b):
-            acc.add(x[s:s + b])
+            acc.add(x[s:s + b], target=None if target is None else target[s:s + b])
         r = acc.result()
     finally:
         sae.train(was)
@@ -215,15 +269,18 @@ def check_split(store: Store, split: str) -> None:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None = None, split: str = "heldout",
-                           input_scale: float = 1.0, batch_rows: int | None = None,
-                           quiet: bool = True) -> dict[str, Any]:
+def reconstruction_metrics(sae: SAE, store: Store, hook: str | Sequence[str], tokens: int | None = None,
+                           split: str = "heldout", input_scale: float = 1.0, batch_rows: int | None = None,
+                           quiet: bool = True, target: str | None = None) -> dict[str, Any]:
     """Reconstruction and sparsity over the first `tokens` keep rows of `split` in store order.
 
     The store is scanned in order until `tokens` keep rows of the split are seen (all of them when
-    None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span."""
+    None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span.
+    `hook`: the point read (a crosscoder's list: its layers side by side); `target`: a transcoder's
+    point, which its output is scored against. Norm outliers are those of the (single) input point."""
     check_split(store, split)
-    thr = outlier_threshold(store, hook)
+    hooks = hook_list(hook)
+    thr = outlier_threshold(store, hooks[0]) if len(hooks) == 1 else None
     was = sae.training
     sae.eval()
     acc = ReconstructionAccumulator(sae, input_scale)
@@ -247,20 +304,20 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
             if cum[-1] > need:
                 cut = int(np.searchsorted(cum, need)) + 1
                 rows, main, keep, e = rows[:cut], main[:cut], keep[:cut], a + cut
-            x_all = torch.from_numpy(store.activations(hook, a, e))
             idx = np.flatnonzero(rows)
-            x = x_all[idx]
+            x = torch.from_numpy(read_rows(store, hooks, a, e)[idx])
+            y = None if target is None else torch.from_numpy(store.activations(target, a, e)[idx])
             m = torch.from_numpy(main[idx])
             if thr is not None:
                 outl = (~m) & (x.norm(dim=1) > thr)
                 n_bos_outliers += int((outl & torch.from_numpy(store.pos(a, e)[idx] == 0)).sum())
             else:
                 outl = torch.zeros_like(m)
-            if not torch.isfinite(x[m]).all():
-                raise UserError(f"store {store.path!r} hook {hook!r} has NaN/inf activations in rows [{a}, {e}); "
-                                f"recollect it (e.g. with --dtype float32)")
+            if not torch.isfinite(x[m]).all() or (y is not None and not torch.isfinite(y[m]).all()):
+                raise UserError(f"store {store.path!r} hook {','.join(hooks + ([target] if target else []))!r} "
+                                f"has NaN/inf activations in rows [{a}, {e}); recollect it (e.g. with --dtype float32)")
             for s in range(0, len(x), b):
-                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b])
+                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b], target=None if y is None else y[s:s + b])
             bar.update(int(m.sum()))
     finally:
         bar.close()
@@ -275,31 +332,40 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
     return r
 
 
-def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None = 100_000, ce_tokens: int = 0,
-                 model: Any = None, split: str = "heldout", input_scale: float = 1.0,
-                 batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True) -> dict[str, Any]:
+def evaluate_sae(sae: SAE, store: Store | str, hook: str | Sequence[str], *, tokens: int | None = 100_000,
+                 ce_tokens: int = 0, model: Any = None, split: str = "heldout", input_scale: float = 1.0,
+                 batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True,
+                 target: str | None = None) -> dict[str, Any]:
     """All metrics of `sae` (raw-activation units unless `input_scale` ≠ 1) as one flat dict.
 
+    hook: the point it reads (a crosscoder: its list of points); target: a transcoder's output point.
     tokens: keep rows of `split` for reconstruction/sparsity (None: all). ce_tokens: tokens of
     whole held-out sequences for the downstream CE/KL metrics (0: skip them; no model needed).
     model: a collect.model.LoadedModel; None loads the store's model when ce_tokens > 0."""
     st = Store.open(store) if isinstance(store, str) else store
-    if hook not in st.hooks:
-        raise UserError(f"hook point {hook!r} is not in store {st.path!r}; it holds {st.hooks}")
+    hooks = hook_list(hook)
+    check_hooks(st, hooks + ([target] if target else []))
+    if len(hooks) != sae.cfg.n_layers or sae.cfg.transcoder != bool(target):
+        raise UserError(f"the {sae.cfg.kind} reads {sae.cfg.n_layers} hook point(s)"
+                        f"{' and writes a target' if sae.cfg.transcoder else ''}; got {','.join(hooks)}"
+                        f"{' → ' + target if target else ''}")
     if sae.cfg.d_in != st.d_model:
         raise UserError(f"the SAE takes d_in={sae.cfg.d_in} but store {st.path!r} has d_model={st.d_model}; "
                         f"pass the store it was trained on")
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"hook_point": hook, "store": st.path, "split": split}
-    out.update(reconstruction_metrics(sae, st, hook, tokens, split, input_scale, batch_rows, quiet))
+    out: dict[str, Any] = {"hook_point": hooks[0] if len(hooks) == 1 else None, "hook_points": hooks,
+                           "store": st.path, "split": split}
+    if target:
+        out["target_hook_point"] = target
+    out.update(reconstruction_metrics(sae, st, hooks, tokens, split, input_scale, batch_rows, quiet, target=target))
     out["recon_seconds"] = round(time.perf_counter() - t0, 3)
     if ce_tokens and ce_tokens > 0:
         from sae.splice import downstream_metrics
         t1 = time.perf_counter()
         if model is None:
             model = load_store_model(st, device=str(next(sae.parameters()).device))
-        out.update(downstream_metrics(sae, st, hook, model, ce_tokens, split=split, input_scale=input_scale,
-                                      batch_tokens=ce_batch_tokens, quiet=quiet))
+        out.update(downstream_metrics(sae, st, hooks, model, ce_tokens, split=split, input_scale=input_scale,
+                                      batch_tokens=ce_batch_tokens, quiet=quiet, target=target))
         out["ce_seconds"] = round(time.perf_counter() - t1, 3)
     return out
 
