@@ -92,7 +92,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
 
     from collect.store import Store
     from sae.evaluate import evaluate_sae, load_store_model
-    from sae.io import check_store_match, load_sae, read_cfg
+    from sae.io import check_store_points, load_sae, read_cfg
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -103,12 +103,13 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
     if not store_path:
         raise UserError(f"no store given and {sae_dir}/cfg.json records none; pass --store STORE.zarr")
     store = Store.open(store_path)
-    hook = check_store_match(scfg, store, sae_dir)
+    ins, outs = check_store_points(scfg, store, sae_dir)
     sae = load_sae(sae_dir, device=cfg.device)
     model = load_store_model(store, device=cfg.device) if cfg.ce_tokens > 0 else None
     t0 = time.perf_counter()
-    m = evaluate_sae(sae, store, hook, tokens=cfg.tokens or None, ce_tokens=cfg.ce_tokens, model=model,
-                     split=cfg.split, ce_batch_tokens=cfg.ce_batch_tokens, quiet=cfg.quiet)
+    m = evaluate_sae(sae, store, ins, tokens=cfg.tokens or None, ce_tokens=cfg.ce_tokens, model=model,
+                     split=cfg.split, ce_batch_tokens=cfg.ce_batch_tokens, quiet=cfg.quiet,
+                     target=outs[0] if sae.cfg.transcoder else None)
     result = {"sae_dir": str(sae_dir), "model": store.model_spec, "model_hash": store.model_hash,
               "metrics": m, "eval_seconds": round(time.perf_counter() - t0, 2),
               "config": config_dict(cfg), "saeforge_version": saeforge.__version__}

@@ -169,3 +169,121 @@ def test_resume_is_exact_for_a_matryoshka_skip_transcoder(store, tmp_path):
     assert sorted(a) == ["W_dec", "W_enc", "W_skip", "b_dec", "b_enc", "threshold"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+# ---- a real SmolLM2 store: each kind beats the mean predictor; splicing is what it says ----------------
+
+R_IN, R_OUT, R2, R3 = "layers.3.mlp_in", "layers.3.mlp_out", "layers.2.resid_post", "layers.3.resid_post"
+
+
+@pytest.fixture(scope="module")
+def real(smollm2, wikitext_dir, tmp_path_factory):
+    from collect.collector import CollectConfig, collect_activations
+    tmp = tmp_path_factory.mktemp("kreal")
+    text = (wikitext_dir / "valid.txt").read_text()[:60000]
+    (tmp / "paras.txt").write_text("\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("=")))
+    store = collect_activations(CollectConfig(corpus=str(tmp / "paras.txt"), hooks=[R_IN, R_OUT, R2, R3], context=64,
+                                              max_tokens=2048, heldout_fraction=0.3, shard_rows=256,
+                                              out=str(tmp / "s.zarr"), quiet=True), loaded=smollm2)
+    common = dict(store=store.path, k=[16], expansion=[2], batch_size=256, tokens=4096, wandb="disabled", quiet=True,
+                  scale_sample=1024, warmup_steps=1, eval_rows=256, checkpoint_every=0)
+    dirs = {}
+    # ~1,400 training rows, 3 epochs: BatchTopK's threshold and a transcoder (whose encoder does not start
+    # as its decoder's transpose) need more than the 4 steps an SAE needs to beat the mean
+    for name, kw in {"transcoder": dict(hook=R_IN, target=R_OUT, arch=["batchtopk"]),
+                     "matryoshka": dict(hook=R3, arch=["matryoshka"]),
+                     "crosscoder": dict(hooks=[R2, R3], arch=["crosscoder"])}.items():
+        res = train(TrainConfig(out=str(tmp / name), **common, **kw))
+        dirs[name] = (res.out_dirs[0], next(iter(res.metrics.values())))
+    return store, dirs
+
+
+@pytest.mark.slow  # shares a ~60 s fixture (model, store of 4 hook points, 3 trainings)
+def test_real_store_each_kind_beats_the_mean_predictor(real):
+    _, dirs = real
+    for name, (_, m) in dirs.items():
+        assert m["heldout_fvu"] < 0.95, (name, m)  # the mean predictor scores 1.0
+
+
+@pytest.mark.slow  # shares a ~60 s fixture (model, store of 4 hook points, 3 trainings)
+def test_transcoder_splice_matches_direct_computation(real, smollm2, monkeypatch, tmp_path):
+    """`saeforge eval` on a transcoder: CE/KL equal a forward whose MLP output is replaced by hand (a plain
+    torch hook on the MLP module, at keep positions) with the transcoder of the MLP's input."""
+    import json
+
+    import sae.evaluate as ev
+    from sae.splice import split_sequences
+    store, dirs = real
+    sae_dir = dirs["transcoder"][0]
+    monkeypatch.setattr(ev, "load_store_model", lambda st, device="cpu": smollm2)
+    out = tmp_path / "e.json"
+    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--tokens", "0", "--ce-tokens", "64",
+                     "--quiet", "--wandb", "disabled", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["ce_spliced_hook_points"] == [R_OUT] and m["target_hook_point"] == R_OUT
+    assert m["kl_div_sae"] < m["kl_div_zero"] and m["ce_loss_sae"] < m["ce_loss_zero"]
+    sae = load_sae(sae_dir)
+    toks, keep, _ = split_sequences(store, 1)
+    ids = torch.from_numpy(toks.astype(np.int64))
+    kp = torch.from_numpy(keep)
+    lm = smollm2.model
+
+    def replace_mlp(mod, args, output):
+        out = output.clone()
+        out[kp] = sae.encode_decode(args[0][kp])[1]
+        return out
+    with torch.no_grad():
+        clean = lm(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        h = lm.model.layers[3].mlp.register_forward_hook(replace_mlp)
+        try:
+            spliced = lm(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        finally:
+            h.remove()
+    t, sel = ids[0, 1:], slice(1, None)  # drop the prediction made from BOS
+    assert m["ce_loss_sae"] == pytest.approx(float(-spliced[sel].gather(-1, t[sel, None]).mean()), rel=1e-4)
+    assert m["kl_div_sae"] == pytest.approx(float((clean.exp() * (clean - spliced)).sum(-1)[sel].mean()),
+                                            rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.slow  # shares a ~60 s fixture (model, store of 4 hook points, 3 trainings)
+def test_identity_crosscoder_splices_to_the_clean_model(real, smollm2):
+    """A crosscoder that reproduces both layers exactly (±e_i latents, k = every positive one) scores 1,
+    replacing every layer at once and each alone; the Matryoshka SAE reports its prefixes."""
+    from sae.architectures import ArchConfig, build_sae
+    store, dirs = real
+    d = store.d_model
+    w = 2 * d
+    sae = build_sae(ArchConfig("crosscoder", d, 2 * w, k=w, n_layers=2)).eval()
+    eye = torch.eye(w)
+    with torch.no_grad():
+        sae.enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    m = evaluate_sae(sae, store, [R2, R3], tokens=64, ce_tokens=64, model=smollm2)
+    assert max(m["layer_fvu"]) < 1e-10
+    assert m["kl_div_sae"] < 1e-6 and m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert max(m["kl_div_sae_layers"]) < 1e-6 and len(m["ce_loss_sae_layers"]) == 2
+    ev = evaluate_sae(load_sae(dirs["matryoshka"][0]), store, R3, tokens=200)
+    assert len(ev["prefix_fvu"]) == 5 and ev["prefix_fvu"][-1] == pytest.approx(ev["fvu"])
+    assert all(a >= b - 1e-9 for a, b in zip(ev["prefix_fvu"], ev["prefix_fvu"][1:])), ev["prefix_fvu"]
+
+
+@pytest.mark.slow  # shares a ~60 s fixture (model, store of 4 hook points, 3 trainings)
+def test_steering_from_a_latent_of_each_kind(real, smollm2):
+    """A transcoder latent steers where it writes (the MLP output); a crosscoder latent is one direction
+    per layer; reading a transcoder latent where it is injected (--op clamp) is refused in one line."""
+    from analysis.directions import from_sae, load_sae_latent
+    from saeforge.errors import UserError
+    _, dirs = real
+    tc, cc = dirs["transcoder"][0], dirs["crosscoder"][0]
+    sv = from_sae(smollm2.model, tc, 3)
+    assert list(sv.directions) == [R_OUT]
+    assert torch.equal(sv.directions[R_OUT], load_sae(tc).W_dec[3].detach())
+    sv = from_sae(smollm2.model, cc, 5)
+    w = load_sae(cc).W_dec[5].detach()
+    assert list(sv.directions) == [R2, R3] and torch.equal(torch.cat([sv.directions[R2], sv.directions[R3]]), w)
+    with pytest.raises(UserError, match="cannot be read where it is injected"):
+        load_sae_latent(tc, 3)
+    with pytest.raises(UserError, match="drop --layer"):
+        from_sae(smollm2.model, cc, 5, layers=[R3])
