@@ -118,6 +118,11 @@ def test_crosscoder_recovers_features_planted_across_layers(store, planted, tmp_
     assert len(ev["layer_fvu"]) == 2 and max(ev["layer_fvu"]) < 0.15, ev
     assert ev["fvu"] == pytest.approx(np.mean(ev["layer_fvu"])) == pytest.approx(m["heldout_fvu"], rel=1e-3)
     assert m["heldout_layer1_fvu"] == pytest.approx(ev["layer_fvu"][1], rel=1e-3)
+    # commands of one hook point (features) refuse it in one line
+    from sae.io import check_store_match, read_cfg
+    from saeforge.errors import UserError
+    with pytest.raises(UserError, match="reads 2 hook points .*this command takes a dictionary of one hook point"):
+        check_store_match(read_cfg(tmp_path / "c"), store, tmp_path / "c")
 
 
 @pytest.mark.parametrize("args,msg", [
