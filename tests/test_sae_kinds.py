@@ -86,6 +86,14 @@ def test_transcoder_recovers_a_planted_sparse_map(store, planted, tmp_path):
     assert _recovered(sae.W_dec, planted["dicts"][IN]) < 0.2  # not x's
     ev = evaluate_sae(sae, store, IN, target=OUT, tokens=None)
     assert ev["fvu"] == pytest.approx(m["heldout_fvu"], rel=1e-3) and ev["target_hook_point"] == OUT
+    # `features` reads the latents at the input positions: its counts equal encoding the input rows
+    from analysis.features import feature_stats
+    from sae.io import check_store_match, read_cfg
+    hook = check_store_match(read_cfg(tmp_path / "t"), store, tmp_path / "t")
+    st = feature_stats(sae, store, hook, split="heldout", top=4, samples=4, window=2, block_rows=1000)
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(store.activations(IN)[store.split_mask("heldout")]))
+    assert hook == IN and st.count.sum() > 0 and torch.equal(st.count, (f > 0).sum(0))
 
 
 def test_skip_transcoder_learns_the_dense_part(store, tmp_path):
