@@ -103,17 +103,42 @@ class SaeLatent:
 
 
 def load_sae_latent(sae_dir: str | Path, latent: int) -> tuple[SaeLatent, dict]:
-    """One latent of the SAE in `sae_dir`, read through the SAE module itself (sae.io.load_sae)."""
+    """One latent of the SAE in `sae_dir`, read through the SAE module itself (sae.io.load_sae).
+
+    Only a plain SAE reads where it writes; a transcoder or crosscoder latent cannot be read at the
+    point it is injected, so it is refused."""
     sae, cfg = _load_sae(sae_dir)
     _check_latent(sae, sae_dir, latent)
+    if sae.cfg.kind != "sae":
+        from sae.io import dict_points
+        ins, outs = dict_points(cfg)
+        raise UserError(f"--sae {str(sae_dir)!r} is a {sae.cfg.kind}: it reads {','.join(ins)} but writes "
+                        f"{','.join(outs)}, so its latent cannot be read where it is injected; use --op add")
     return SaeLatent(sae, latent), cfg
 
 
 def from_sae(model: torch.nn.Module | None, sae_dir: str | Path, latent: int,
              layers: list[str] | None = None) -> SteeringVector:
-    """A steering vector from one SAE latent's decoder row, injected at the SAE's hook point by default."""
+    """A steering vector from one latent's decoder row, injected where the dictionary writes by default:
+    an SAE's hook point, a transcoder's target point; a crosscoder latent is one direction per layer,
+    each at its own hook point."""
+    from sae.io import dict_points
     vec, cfg = sae_latent_direction(sae_dir, latent)
-    hp = cfg.get("hook_point")
+    _, outs = dict_points(cfg)
+    if len(outs) > 1:
+        if layers:
+            raise UserError(f"--sae {str(sae_dir)!r} is a crosscoder: latent {latent} writes one direction at each "
+                            f"of {','.join(outs)}; drop --layer")
+        d = vec.shape[-1] // len(outs)
+        parts = {o: vec[j * d:(j + 1) * d].clone() for j, o in enumerate(outs)}
+        if model is not None:
+            parts = {canonical_point(model, o): v for o, v in parts.items()}
+            if d != _d_model(model):
+                raise UserError(f"--sae {str(sae_dir)!r}: d_in {d} does not match the model's d_model "
+                                f"{_d_model(model)}; use a crosscoder trained on this model")
+        return SteeringVector(parts, {"source": f"sae:{sae_dir}#{latent}", "source_point": ",".join(parts),
+                                      "sae_model": cfg.get("model")})
+    hp = outs[0] if outs else None
     if model is not None and hp:
         hp = canonical_point(model, hp)
     points = layers or ([hp] if hp else None)

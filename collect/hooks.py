@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from collect.layers import HookPoint, Layout, discover_layout, parse_hook_points, resolve_hook_point
+from collect.layers import SITES, HookPoint, Layout, discover_layout, parse_hook_points, resolve_hook_point
 from saeforge.errors import UserError
 
 
@@ -56,6 +56,13 @@ def _layout(model: torch.nn.Module, layout: Layout | None) -> Layout:
 def _register(model: torch.nn.Module, hp: HookPoint, fn: EditFn) -> torch.utils.hooks.RemovableHandle:
     """Register `fn(activation, call) -> new activation or None` at a hook point."""
     module = model.get_submodule(hp.module)
+    if hp.inplace:  # resid_mid: the norm's input is also the residual the block adds the MLP output to
+        def inplace_hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(x, HookCall(hp, args, kwargs))
+            if new is not None and new is not x:
+                x.copy_(new)
+        return module.register_forward_pre_hook(inplace_hook, with_kwargs=True)
     if hp.reads_input:
         def pre_hook(mod, args, kwargs):
             if args:
@@ -92,12 +99,13 @@ def hooks(model: torch.nn.Module, fns: dict[str, EditFn], layout: Layout | None 
             h.remove()
 
 
-_SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}
+_SITE_ORDER = {site: i for i, site in enumerate(SITES)}
 
 
-def _stop_order_key(hp: HookPoint) -> tuple[int, int]:
-    """Forward order of hook points: by block, then resid_pre < attn_out < mlp_out < resid_post."""
-    return (hp.layer, _SITE_ORDER.get(hp.name.rsplit(".", 1)[-1], 0))
+def forward_order_key(hp: HookPoint) -> tuple[int, int]:
+    """Forward order of hook points: by block, then resid_pre < attn_out < resid_mid < mlp_in < mlp_out <
+    resid_post (in parallel blocks mlp_in still comes after attn_out: attention runs first)."""
+    return (hp.layer, _SITE_ORDER.get(hp.site, 0))
 
 
 @contextlib.contextmanager
@@ -109,12 +117,13 @@ def capture(model: torch.nn.Module, points: Sequence[str] | str, *, stop: bool =
     `forward_to`, which catches it. Each forward overwrites the previous entries."""
     lay = _layout(model, layout)
     resolved = parse_hook_points(lay, points if isinstance(points, str) else list(points))
-    deepest = max(resolved, key=_stop_order_key)
+    deepest = max(resolved, key=forward_order_key)
     acts: dict[str, torch.Tensor] = {}
 
     def make(hp: HookPoint) -> EditFn:
         def fn(x: torch.Tensor, call: HookCall) -> None:
-            acts[hp.name] = x.detach() if detach else x
+            # a copy: some blocks change tensors in place after the hook (Falcon adds attention into its MLP output)
+            acts[hp.name] = x.detach().clone() if detach else x
             if stop and hp is deepest:
                 raise StopForward
         return fn

@@ -10,7 +10,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Literal
 
-from sae.architectures import ARCHITECTURES, ArchConfig
+from sae.architectures import ARCHITECTURES, TOPK_FAMILY, TRANSCODER_ARCHS, ArchConfig
 from sae.optim import OptimizerName, default_lr
 from sae.wandb_log import WandbMode
 from saeforge.config import check_choices, option
@@ -26,10 +26,18 @@ RESUMABLE_CHANGES = frozenset({"resume", "quiet", "wandb", "wandb_project", "dev
 @dataclass
 class TrainConfig:
     store: str = option("", "activation store (.zarr) written by `saeforge collect`")
-    hook: str = option("", "hook point to train on (default: the store's only hook)")
+    hook: str = option("", "hook point to train on (default: the store's only hook); a transcoder's input")
+    target: str = option("", "transcoder: the hook point to predict from --hook (e.g. layers.8.mlp_out with --hook "
+                             "layers.8.mlp_in); empty: an autoencoder of --hook")
+    skip: bool = option(False, "transcoder: add a learned linear skip term x·W_skipᵀ (skip-transcoder)")
+    hooks: list[str] = option([], "crosscoder (--arch crosscoder): the hook points one shared code reads and "
+                                  "reconstructs, e.g. layers.4.resid_post,layers.8.resid_post")
+    matryoshka_groups: list[float] = option([0.0625, 0.0625, 0.125, 0.25, 0.5],
+                                            "matryoshka: nested group sizes as fractions of d_sae (sum 1); the "
+                                            "default makes prefixes of 1/16, 1/8, 1/4, 1/2 and all of it")
     out: str = option("sae_out", "output SAE directory (one sub-directory per SAE in a sweep)")
     arch: list[str] = option(["topk"], "architecture(s); a list makes a sweep", choices=list(ARCHITECTURES))
-    k: list[int] = option([32], "active latents per token (topk, batchtopk); a list makes a sweep")
+    k: list[int] = option([32], "active latents per token (topk, batchtopk, matryoshka, crosscoder); a list makes a sweep")
     expansion: list[int] = option([8], "d_sae = expansion × d_in; a list makes a sweep")
     optimizer: list[OptimizerName] = option(["signum-schedulefree"], "optimizer(s); a list makes a sweep")
     lr: list[float] = option([], "learning rate(s); default per optimizer: base/sqrt(d_sae/16384) (sae/optim.py)")
@@ -92,7 +100,51 @@ class TrainConfig:
             raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
         if self.decay_fraction is not None and not 0 <= self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
+        self._validate_kind()
         check_device(self.device)
+
+    def _validate_kind(self) -> None:
+        """Which dictionary kind the hook flags ask for, and whether --arch fits it."""
+        archs = set(self.arch)
+        if self.skip and not self.target:
+            raise UserError("--skip adds the skip term of a skip-transcoder; it needs --target HOOK (the hook point "
+                            "to predict from --hook), e.g. --hook layers.8.mlp_in --target layers.8.mlp_out")
+        if self.target:
+            if self.hooks:
+                raise UserError("--target (a transcoder) and --hooks (a crosscoder) cannot be combined; give one")
+            bad = sorted(archs - set(TRANSCODER_ARCHS))
+            if bad:
+                raise UserError(f"--target trains transcoders, which need a TopK-family --arch "
+                                f"({', '.join(TRANSCODER_ARCHS)}); got {', '.join(bad)}")
+            if self.target == self.hook:
+                raise UserError(f"--target {self.target} equals --hook; drop --target to train an autoencoder")
+        if "crosscoder" in archs:
+            if len(archs) > 1:
+                raise UserError("--arch crosscoder trains on several hook points; sweep it alone "
+                                "(not with " + ", ".join(sorted(archs - {"crosscoder"})) + ")")
+            if len(dict.fromkeys(self.hooks)) < 2:
+                raise UserError("--arch crosscoder needs --hooks with at least two hook points, e.g. "
+                                "--hooks layers.4.resid_post,layers.8.resid_post")
+            if self.hook:
+                raise UserError("--arch crosscoder reads --hooks; drop --hook")
+        elif self.hooks:
+            raise UserError("--hooks lists the hook points of a crosscoder; add --arch crosscoder (or train an SAE "
+                            "with --hook HOOK)")
+        if "matryoshka" in archs:
+            g = self.matryoshka_groups
+            if not g or any(v <= 0 for v in g) or abs(sum(g) - 1) > 1e-6:
+                raise UserError(f"--matryoshka-groups {','.join(f'{v:g}' for v in g)} must be positive fractions "
+                                f"of d_sae summing to 1, e.g. 0.25,0.25,0.5")
+
+    @property
+    def input_hooks(self) -> list[str]:
+        """Hook points the dictionaries read (concatenated in this order)."""
+        return list(dict.fromkeys(self.hooks)) if self.hooks else [self.hook]
+
+    @property
+    def data_hooks(self) -> list[str]:
+        """Hook points the loader reads per row: the inputs, then a transcoder's target."""
+        return self.input_hooks + ([self.target] if self.target else [])
 
     @property
     def steps(self) -> int:
@@ -130,15 +182,18 @@ def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
     opts = list(dict.fromkeys(cfg.optimizer))
     seeds = list(dict.fromkeys(cfg.seed))
     index = 0
+    n_layers = len(cfg.input_hooks)
     for arch, k, exp, opt, lr in itertools.product(cfg.arch, cfg.k, cfg.expansion, opts, lrs):
-        uses_k = arch in ("topk", "batchtopk")
+        uses_k = arch in TOPK_FAMILY
         key = (arch, k if uses_k else None, exp, opt, lr)
         if key in seen:
             continue
         seen.add(key)
         d_sae = exp * d_in
         a = ArchConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if uses_k else 0, aux_k=cfg.aux_k or d_in // 2,
-                       aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef)
+                       aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, l0_coef=cfg.l0_coef,
+                       transcoder=bool(cfg.target), skip=cfg.skip, n_layers=n_layers,
+                       group_sizes=group_sizes(cfg.matryoshka_groups, d_sae) if arch == "matryoshka" else None)
         real_lr = default_lr(opt, d_sae) if lr is None else lr
         name = (f"{arch}" + (f"_k{k}" if uses_k else "") + f"_x{exp}" + (f"_{opt}" if len(opts) > 1 else "")
                 + (f"_lr{lr:g}" if len(lrs) > 1 else ""))
@@ -147,3 +202,13 @@ def sweep_members(cfg: TrainConfig, d_in: int) -> list[SweepMember]:
                                    seed * 1000 + index))
         index += 1
     return out
+
+
+def group_sizes(fractions: list[float], d_sae: int) -> list[int]:
+    """Latents per Matryoshka group: round(f·d_sae) for all but the last, which takes the rest."""
+    sizes = [max(1, round(f * d_sae)) for f in fractions[:-1]]
+    rest = d_sae - sum(sizes)
+    if rest < 1:
+        raise UserError(f"--matryoshka-groups leave no latents for the last group at d_sae {d_sae}; use fewer or "
+                        f"larger groups")
+    return sizes + [rest]

@@ -50,6 +50,7 @@ def format_table(m: dict[str, Any]) -> str:
             lines.append(f"\n{header}")
             header = None
         lines.append(f"  {label:<36} {pm(m, key, 6):>24}")
+    lines += _list_rows(m)
     h = m.get("latent_density_hist")
     if h:
         lines.append("\nlatent density (log10 bins)")
@@ -60,6 +61,21 @@ def format_table(m: dict[str, Any]) -> str:
                 close = "]" if i == len(h["counts"]) - 1 else ")"
                 lines.append(f"  [{e[i]:+.1f}, {e[i + 1]:+.1f}{close}{'':<24} {c:>24,}")
     return "\n".join(lines).lstrip("\n")
+
+
+def _list_rows(m: dict[str, Any]) -> list[str]:
+    """Per-prefix (Matryoshka) and per-layer (crosscoder) figures, one line each."""
+    lines: list[str] = []
+    if m.get("prefix_fvu"):
+        lines.append("\nnested prefixes (Matryoshka)")
+        lines += [f"  {f'FVU first {n:,} latents':<36} {v:>14.6g}" for n, v in zip(m["prefix_sizes"], m["prefix_fvu"])]
+    hooks = m.get("hook_points") or []
+    for key, what in (("layer_fvu", "FVU"), ("ce_loss_sae_layers", "CE, this layer alone spliced"),
+                      ("kl_div_sae_layers", "KL, this layer alone spliced")):
+        if m.get(key):
+            lines.append(f"\nper layer: {what}")
+            lines += [f"  {h:<36} {v:>14.6g}" for h, v in zip(hooks, m[key])]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

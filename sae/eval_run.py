@@ -184,7 +184,7 @@ def run_eval(cfg: EvalConfig, strict: bool = False, sae_dir: str | None = None,
 
     from collect.store import Store
     from sae.evaluate import evaluate_sae, outlier_threshold
-    from sae.io import check_store_match, load_sae, read_cfg
+    from sae.io import check_store_points, load_sae, read_cfg
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -202,8 +202,11 @@ def run_eval(cfg: EvalConfig, strict: bool = False, sae_dir: str | None = None,
         old["wandb_run_id"] = None
         return old, out
     store = Store.open(store_path)
-    hook = check_store_match(scfg, store, sae_dir)
+    ins, outs = check_store_points(scfg, store, sae_dir)
     sae = load_sae(sae_dir, device=cfg.device)
+    if cfg.suite == "full" and sae.cfg.n_layers > 1:
+        raise UserError(f"--suite full probes the latents of one hook point; the crosscoder {sae_dir} reads "
+                        f"{len(ins)} ({','.join(ins)}): use --suite basic")
     ci = cfg.ci(strict)
     full = cfg.suite == "full"
     if full:  # bad task files and a missing prose corpus fail before any model time is spent
@@ -219,8 +222,9 @@ def run_eval(cfg: EvalConfig, strict: bool = False, sae_dir: str | None = None,
     model = None
     if cfg.ce_tokens > 0 or full:
         model, timings["load_model"] = shared.model(store, cfg.device)
-    m = evaluate_sae(sae, store, hook, tokens=cfg.tokens or None, ce_tokens=cfg.ce_tokens, model=model,
-                     split=cfg.split, ce_batch_tokens=cfg.ce_batch_tokens, quiet=cfg.quiet, ci=ci)
+    m = evaluate_sae(sae, store, ins, tokens=cfg.tokens or None, ce_tokens=cfg.ce_tokens, model=model,
+                     split=cfg.split, ce_batch_tokens=cfg.ce_batch_tokens, quiet=cfg.quiet, ci=ci,
+                     target=outs[0] if sae.cfg.transcoder else None)
     timings["reconstruction"] = m["recon_seconds"]
     if "ce_seconds" in m:
         timings["ce_kl"] = m["ce_seconds"]
@@ -228,6 +232,7 @@ def run_eval(cfg: EvalConfig, strict: bool = False, sae_dir: str | None = None,
                               "suite": cfg.suite, "metrics": m}
     if full:
         from sae.eval_suite import build_probe_pool, build_word_pool, run_absorption, run_probing
+        hook = ins[0]  # probing and absorption read the latents of the point the dictionary reads
         bound = outlier_threshold(store, hook)
         log.info("%s: probing windows (%d per corpus) through the model", sae_dir, cfg.probe_windows)
         pool, timings["probe_activations"] = shared.pool("probe", store, hook,

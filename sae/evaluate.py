@@ -20,11 +20,12 @@ number of rows and does not depend on the batch size:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from saeforge.progress import progress
 from collect.store import Split, Store
 from sae.architectures import SAE
 from sae.bootstrap import BootstrapSpec, UnitSums, enough_units
+from sae.loader import check_hooks, hook_list, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,21 @@ class _RowSet:
                 f"{prefix}cossim": self.cos / n, f"{prefix}l2_ratio": self.l2_ratio / n, f"{prefix}n_rows": n}
 
 
+def _row_errors(yd: torch.Tensor, hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row (float64): ‖y − ŷ‖², cosine(y, ŷ) and ‖ŷ‖ / ‖y‖."""
+    err = (yd - hd).pow(2).sum(1)
+    ny, nh = yd.norm(dim=1), hd.norm(dim=1)
+    return err, (yd * hd).sum(1) / (ny * nh).clamp_min(1e-30), nh / ny.clamp_min(1e-30)
+
+
+def _scale_vector(scale: float | Sequence[float], d: int) -> float | torch.Tensor:
+    """A scale per hook point (side by side, d columns each) as a column vector; a float stays a float."""
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    vals = [float(v) for v in scale]
+    return vals[0] if len(vals) == 1 else torch.tensor(vals).repeat_interleave(d)
+
+
 @dataclass
 class ReconstructionAccumulator:
     """Feed batches of raw rows (with masks saying which set each row is in); read exact metrics.
@@ -103,57 +120,85 @@ class ReconstructionAccumulator:
     Primary metrics (fvu, mse, cossim, l2_ratio, l0, densities) are over the rows with `main` true.
     `with_outliers_*` is over main ∪ outlier rows and `all_rows_*` over every row fed. With
     `units` (a `sae.bootstrap.UnitSums`) and the rows' sequence ids, the same sums are also kept
-    per sequence for the bootstrap intervals (`sae.eval_intervals`)."""
+    per sequence for the bootstrap intervals (`sae.eval_intervals`).
+
+    A transcoder is scored against its target rows (`add(x, …, target=y)`); a crosscoder's rows are its
+    layers side by side, and its `fvu` is the mean of `layer_fvu` (one per layer, as it trains); a
+    Matryoshka SAE also gets `prefix_fvu`, the FVU of each nested prefix (`prefix_sizes` latents).
+    Scales (the trainer's units) may be one per hook point: `input_scale` for the inputs,
+    `output_scale` (default: input_scale) for what is reconstructed."""
     sae: SAE
-    input_scale: float = 1.0
+    input_scale: float | Sequence[float] = 1.0
+    output_scale: float | Sequence[float] | None = None
     fire_counts: torch.Tensor = None  # type: ignore[assignment]
     active_sum: float = 0.0
     sets: dict[str, _RowSet] = field(default_factory=dict)
     units: UnitSums | None = None
+    layers: list[_RowSet] = field(default_factory=list)
+    prefix_sq_err: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        d = self.sae.cfg.d_in
-        self.fire_counts = torch.zeros(self.sae.cfg.d_sae, dtype=torch.int64)
+        c = self.sae.cfg
+        d = c.width
+        self.fire_counts = torch.zeros(c.d_sae, dtype=torch.int64)
         self.sets = {"": _RowSet(d), "with_outliers_": _RowSet(d), "all_rows_": _RowSet(d)}
+        self.layers = [_RowSet(c.d_in) for _ in range(c.n_layers)] if c.n_layers > 1 else []
+        self.prefix_sq_err = [0.0] * len(c.group_sizes or []) if c.arch == "matryoshka" else []
+
+    def _scales(self, dev: torch.device) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        d = self.sae.cfg.d_in
+        s_in = _scale_vector(self.input_scale, d)
+        s_out = s_in if self.output_scale is None else _scale_vector(self.output_scale, d)
+        return tuple(s.to(dev) if isinstance(s, torch.Tensor) else s for s in (s_in, s_out))  # type: ignore[return-value]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents in the SAE's units, x̂ in raw units) for raw rows x, inference rule."""
-        s = self.input_scale
-        f = self.sae.encode(x * s if s != 1.0 else x)
-        x_hat = self.sae.decode(f)
-        return f, (x_hat / s if s != 1.0 else x_hat)
+        """(latents in the SAE's units, output in raw units) for raw rows x, inference rule."""
+        s_in, s_out = self._scales(x.device)
+        f, out = self.sae.encode_decode(x * s_in)
+        return f, out / s_out
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, main: torch.Tensor | None = None, outlier: torch.Tensor | None = None,
-            seq: np.ndarray | None = None) -> None:
+            seq: np.ndarray | None = None, target: torch.Tensor | None = None) -> None:
         dev = next(self.sae.parameters()).device
         x = x.to(dev, torch.float32)
         main = torch.ones(len(x), dtype=torch.bool) if main is None else main.cpu()
         outlier = torch.zeros(len(x), dtype=torch.bool) if outlier is None else outlier.cpu()
         f, x_hat = self.reconstruct(x)
-        x, x_hat = x.cpu(), x_hat.float().cpu()
+        y = x if target is None else target.to(dev, torch.float32)
+        if self.prefix_sq_err:
+            self._add_prefixes(f, x, y, main.to(dev))
+        y, x_hat = y.cpu(), x_hat.float().cpu()
         active = (f > 0).cpu()
         self.fire_counts += active[main].sum(0)
         self.active_sum += float(active[main].sum())
-        xd, hd = x.double(), x_hat.double()
-        err = (xd - hd).pow(2).sum(1)
-        nx, nh = xd.norm(dim=1), hd.norm(dim=1)
-        cos = (xd * hd).sum(1) / (nx * nh).clamp_min(1e-30)
-        l2r = nh / nx.clamp_min(1e-30)
+        yd, hd = y.double(), x_hat.double()
+        err, cos, l2r = _row_errors(yd, hd)
         wo = main | outlier
         for prefix, m in (("", main), ("with_outliers_", wo), ("all_rows_", torch.ones_like(main))):
-            self.sets[prefix].add(x[m], err[m], cos[m], l2r[m])
+            self.sets[prefix].add(y[m], err[m], cos[m], l2r[m])
+        for i, rs in enumerate(self.layers):
+            cols = self.sae.layer_slice(i)
+            rs.add(y[main][:, cols], *_row_errors(yd[main][:, cols], hd[main][:, cols]))
         if self.units is not None and seq is not None:
             vals: dict[str, torch.Tensor] = {}
             for prefix, m in (("", main), ("with_outliers_", wo), ("all_rows_", torch.ones_like(main))):
                 w = m.double()
-                vals.update({prefix + "n": w, prefix + "sq": err * w, prefix + "s2": xd.pow(2).sum(1) * w,
-                             prefix + "s1": xd * w[:, None]})
+                vals.update({prefix + "n": w, prefix + "sq": err * w, prefix + "s2": yd.pow(2).sum(1) * w,
+                             prefix + "s1": yd * w[:, None]})
             w = main.double()
             vals.update(cos=cos * w, l2r=l2r * w, active=active.sum(1).double() * w,
                         fires=(active & main[:, None]).to(torch.int32))
             self.units.add(seq, **vals)
+
+    def _add_prefixes(self, f: torch.Tensor, x: torch.Tensor, y: torch.Tensor, main: torch.Tensor) -> None:
+        """Squared error of each nested prefix's reconstruction (raw units) on the main rows."""
+        s_in, s_out = self._scales(x.device)
+        skip = self.sae.skip_term(x[main] * s_in)
+        for g, rec in enumerate(self.sae.prefix_decodes(f[main])):  # type: ignore[operator]
+            rec = rec if skip is None else rec + skip
+            self.prefix_sq_err[g] += float(((rec / s_out).double() - y[main].double()).pow(2).sum())
 
     @property
     def n_rows(self) -> int:
@@ -167,6 +212,15 @@ class ReconstructionAccumulator:
             if prefix:  # secondary row sets: the headline reconstruction figures only
                 r = {k: v for k, v in r.items() if k.endswith(("fvu", "explained_variance", "mse", "n_rows"))}
             out.update(r)
+        if self.layers:  # a crosscoder trains on the mean of its layers' FVUs; the pooled figure stays too
+            out["layer_fvu"] = [rs.result()["fvu"] for rs in self.layers]
+            out["pooled_fvu"] = out["fvu"]
+            out["fvu"] = float(np.mean(out["layer_fvu"])) if n else math.nan
+            out["explained_variance"] = 1.0 - out["fvu"]
+        if self.prefix_sq_err:
+            m2 = self.sets[""].moments.m2
+            out["prefix_sizes"] = list(itertools.accumulate(self.sae.cfg.group_sizes or []))
+            out["prefix_fvu"] = [e / max(m2, 1e-300) if n else math.nan for e in self.prefix_sq_err]
         density = self.fire_counts.double() / max(n, 1)
         out["l0"] = self.active_sum / max(n, 1)
         out["dead_fraction"] = float((self.fire_counts == 0).double().mean())
@@ -190,16 +244,19 @@ def _batch_rows(d_sae: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_rows(sae: SAE, x: torch.Tensor, input_scale: float = 1.0, batch_rows: int | None = None) -> dict[str, Any]:
+def evaluate_rows(sae: SAE, x: torch.Tensor, input_scale: float | Sequence[float] = 1.0,
+                  batch_rows: int | None = None, target: torch.Tensor | None = None,
+                  output_scale: float | Sequence[float] | None = None) -> dict[str, Any]:
     """Cheap metrics on rows already in memory (all treated as evaluated rows): for the trainer's
-    periodic evaluation. `input_scale`: the SAE takes x·input_scale (x̂ is divided back)."""
+    periodic evaluation. `input_scale`: the SAE takes x·input_scale (x̂ is divided back by
+    `output_scale`, default the same); `target`: a transcoder's target rows."""
     was = sae.training
     sae.eval()
     try:
-        acc = ReconstructionAccumulator(sae, input_scale)
+        acc = ReconstructionAccumulator(sae, input_scale, output_scale)
         b = batch_rows or _batch_rows(sae.cfg.d_sae)
         for s in range(0, len(x), b):
-            acc.add(x[s:s + b])
+            acc.add(x[s:s + b], target=None if target is None else target[s:s + b])
         r = acc.result()
     finally:
         sae.train(was)
@@ -238,16 +295,20 @@ def unit_cap(d_sae: int) -> int:
     return int(max(64, min(1024, (1 << 24) // max(d_sae, 1))))
 
 
-def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None = None, split: str = "heldout",
-                           input_scale: float = 1.0, batch_rows: int | None = None,
-                           quiet: bool = True, ci: BootstrapSpec | None = None) -> dict[str, Any]:
+def reconstruction_metrics(sae: SAE, store: Store, hook: str | Sequence[str], tokens: int | None = None,
+                           split: str = "heldout", input_scale: float = 1.0, batch_rows: int | None = None,
+                           quiet: bool = True, ci: BootstrapSpec | None = None,
+                           target: str | None = None) -> dict[str, Any]:
     """Reconstruction and sparsity over the first `tokens` keep rows of `split` in store order.
 
     The store is scanned in order until `tokens` keep rows of the split are seen (all of them when
     None); the `with_outliers_*` and `all_rows_*` figures cover the split's rows of that same span.
-    With `ci`, every figure gets a `<name>_ci95` bootstrap interval over the span's sequences."""
+    With `ci`, every figure gets a `<name>_ci95` bootstrap interval over the span's sequences.
+    `hook`: the point read (a crosscoder's list: its layers side by side); `target`: a transcoder's
+    point, which its output is scored against. Norm outliers are those of the (single) input point."""
     check_split(store, split)
-    thr = outlier_threshold(store, hook)
+    hooks = hook_list(hook)
+    thr = outlier_threshold(store, hooks[0]) if len(hooks) == 1 else None
     was = sae.training
     sae.eval()
     units = UnitSums(unit_cap(sae.cfg.d_sae)) if ci is not None and ci.enabled else None
@@ -272,21 +333,22 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
             if cum[-1] > need:
                 cut = int(np.searchsorted(cum, need)) + 1
                 rows, main, keep, e = rows[:cut], main[:cut], keep[:cut], a + cut
-            x_all = torch.from_numpy(store.activations(hook, a, e))
             idx = np.flatnonzero(rows)
-            x = x_all[idx]
+            x = torch.from_numpy(read_rows(store, hooks, a, e)[idx])
+            y = None if target is None else torch.from_numpy(store.activations(target, a, e)[idx])
             m = torch.from_numpy(main[idx])
             if thr is not None:
                 outl = (~m) & (x.norm(dim=1) > thr)
                 n_bos_outliers += int((outl & torch.from_numpy(store.pos(a, e)[idx] == 0)).sum())
             else:
                 outl = torch.zeros_like(m)
-            if not torch.isfinite(x[m]).all():
-                raise UserError(f"store {store.path!r} hook {hook!r} has NaN/inf activations in rows [{a}, {e}); "
-                                f"recollect it (e.g. with --dtype float32)")
+            if not torch.isfinite(x[m]).all() or (y is not None and not torch.isfinite(y[m]).all()):
+                raise UserError(f"store {store.path!r} hook {','.join(hooks + ([target] if target else []))!r} "
+                                f"has NaN/inf activations in rows [{a}, {e}); recollect it (e.g. with --dtype float32)")
             seq = store.seq(a, e)[idx] if units is not None else None
             for s in range(0, len(x), b):
-                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b], None if seq is None else seq[s:s + b])
+                acc.add(x[s:s + b], m[s:s + b], outl[s:s + b], None if seq is None else seq[s:s + b],
+                        target=None if y is None else y[s:s + b])
             bar.update(int(m.sum()))
     finally:
         bar.close()
@@ -303,37 +365,49 @@ def reconstruction_metrics(sae: SAE, store: Store, hook: str, tokens: int | None
         if enough_units(units.n_seq, ci, f"the evaluated span of store {store.path!r} ({split} split)",
                         "evaluate more rows (--tokens 0 takes all) or re-collect with a larger --heldout-fraction"):
             from sae.eval_intervals import add_reconstruction_intervals
-            add_reconstruction_intervals(r, units, sae.cfg.d_in, ci)
+            add_reconstruction_intervals(r, units, sae.cfg.width, ci)
+            if sae.cfg.n_layers > 1:  # the intervals are of the pooled figures; a crosscoder's fvu is a mean of layers
+                for k in ("fvu", "explained_variance"):
+                    r[f"pooled_{k}_ci95"] = r.pop(f"{k}_ci95", None)
     return r
 
 
-def evaluate_sae(sae: SAE, store: Store | str, hook: str, *, tokens: int | None = 100_000, ce_tokens: int = 0,
-                 model: Any = None, split: str = "heldout", input_scale: float = 1.0,
+def evaluate_sae(sae: SAE, store: Store | str, hook: str | Sequence[str], *, tokens: int | None = 100_000,
+                 ce_tokens: int = 0, model: Any = None, split: str = "heldout", input_scale: float = 1.0,
                  batch_rows: int | None = None, ce_batch_tokens: int = 512, quiet: bool = True,
-                 ci: BootstrapSpec | None = None) -> dict[str, Any]:
+                 ci: BootstrapSpec | None = None, target: str | None = None) -> dict[str, Any]:
     """All metrics of `sae` (raw-activation units unless `input_scale` ≠ 1) as one flat dict.
 
+    hook: the point it reads (a crosscoder: its list of points); target: a transcoder's output point.
     tokens: keep rows of `split` for reconstruction/sparsity (None: all). ce_tokens: tokens of
     whole held-out sequences for the downstream CE/KL metrics (0: skip them; no model needed).
     model: a collect.model.LoadedModel; None loads the store's model when ce_tokens > 0.
     ci: bootstrap intervals (`<name>_ci95`) over held-out sequences; None: none."""
     st = Store.open(store) if isinstance(store, str) else store
-    if hook not in st.hooks:
-        raise UserError(f"hook point {hook!r} is not in store {st.path!r}; it holds {st.hooks}")
+    hooks = hook_list(hook)
+    check_hooks(st, hooks + ([target] if target else []))
+    if len(hooks) != sae.cfg.n_layers or sae.cfg.transcoder != bool(target):
+        raise UserError(f"the {sae.cfg.kind} reads {sae.cfg.n_layers} hook point(s)"
+                        f"{' and writes a target' if sae.cfg.transcoder else ''}; got {','.join(hooks)}"
+                        f"{' → ' + target if target else ''}")
     if sae.cfg.d_in != st.d_model:
         raise UserError(f"the SAE takes d_in={sae.cfg.d_in} but store {st.path!r} has d_model={st.d_model}; "
                         f"pass the store it was trained on")
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"hook_point": hook, "store": st.path, "split": split}
-    out.update(reconstruction_metrics(sae, st, hook, tokens, split, input_scale, batch_rows, quiet, ci))
+    out: dict[str, Any] = {"hook_point": hooks[0] if len(hooks) == 1 else None, "hook_points": hooks,
+                           "store": st.path, "split": split}
+    if target:
+        out["target_hook_point"] = target
+    out.update(reconstruction_metrics(sae, st, hooks, tokens, split, input_scale, batch_rows, quiet, ci,
+                                      target=target))
     out["recon_seconds"] = round(time.perf_counter() - t0, 3)
     if ce_tokens and ce_tokens > 0:
         from sae.splice import downstream_metrics
         t1 = time.perf_counter()
         if model is None:
             model = load_store_model(st, device=str(next(sae.parameters()).device))
-        out.update(downstream_metrics(sae, st, hook, model, ce_tokens, split=split, input_scale=input_scale,
-                                      batch_tokens=ce_batch_tokens, quiet=quiet, ci=ci))
+        out.update(downstream_metrics(sae, st, hooks, model, ce_tokens, split=split, input_scale=input_scale,
+                                      batch_tokens=ce_batch_tokens, quiet=quiet, ci=ci, target=target))
         out["ce_seconds"] = round(time.perf_counter() - t1, 3)
     return out
 

@@ -5,7 +5,9 @@ normalize_activations, reshape_activations, architecture, k, metadata{model_name
 and `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, threshold).
 Our normalisation is already folded into the weights, so `normalize_activations` is "none".
 Inference rules map as: topk → topk; relu → standard; jumprelu → jumprelu; batchtopk →
-jumprelu with its saved global threshold (SAELens does the same when it saves a BatchTopK SAE).
+jumprelu with its saved global threshold (SAELens does the same when it saves a BatchTopK SAE);
+Matryoshka BatchTopK → jumprelu the same way (its inference rule is BatchTopK's; the nesting is a
+training objective, kept in the latent order). Transcoders and crosscoders are refused.
 Older field names (hook_name, model_name, hook_layer, context_size, activation_fn…) are written
 at the top level too for SAELens < 6 and other tools that read them.
 """
@@ -22,7 +24,8 @@ from saeforge.urls import join, makedirs, write_bytes, write_json
 from sae.io import load_sae, read_cfg, sae_tensors
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}
 SAELENS_VERSION = "6.0.0"  # the config schema we write
 
 
@@ -84,6 +87,10 @@ def saelens_config(cfg: dict[str, Any], sae_dir: str = "") -> dict[str, Any]:
 def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> str:
     """Convert a saeforge SAE directory (path or URL) into a SAELens folder (path or URL); returns it."""
     cfg = read_cfg(sae_dir)
+    kind = cfg.get("kind", "sae")
+    if kind != "sae":
+        raise UserError(f"{str(sae_dir)!r} holds a {kind}; SAELens export writes sparse autoencoders only "
+                        f"(use the saeforge directory with load_sae)")
     if cfg["architecture"] not in SAELENS_ARCH:
         raise UserError(f"architecture {cfg['architecture']!r} has no SAELens equivalent")
     scfg = saelens_config(cfg, str(sae_dir))

@@ -24,13 +24,13 @@ import torch
 
 from collect.store import Store
 from sae import distributed as ddp
-from sae.architectures import SAE, build_sae, fvu
+from sae.architectures import SAE, TOPK_FAMILY, build_sae
 from sae.checkpoint import checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
 from sae.evaluate import evaluate_rows
 from sae.init import geometric_median, unit_norm_scale
 from sae.io import save_sae
-from sae.loader import ShuffledLoader, heldout_rows, sample_rows
+from sae.loader import ShuffledLoader, check_widths, heldout_rows, sample_rows
 from sae.optim import SCHEDULE_FREE, TrainOptimizer
 from sae.schedule import lr_at, warmup_steps_for
 from sae.wandb_log import RunLogger
@@ -81,20 +81,26 @@ class Trainer:
         # Adam moments and small latents underflow to subnormals, which slow CPU kernels ~10×
         torch.set_flush_denormal(True)
         self.store = Store.open(cfg.store)
-        if not cfg.hook:
+        if not cfg.hook and not cfg.hooks:
             if len(self.store.hooks) != 1:
                 raise UserError(f"store {cfg.store!r} holds hooks {self.store.hooks}; choose one with --hook")
             cfg.hook = self.store.hooks[0]
-        if cfg.hook not in self.store.hooks:
-            raise UserError(f"hook point {cfg.hook!r} is not in store {cfg.store!r}; it holds {self.store.hooks}; "
-                            f"pass one of them with --hook")
+        for flag, hooks in (("--hook", [cfg.hook] if cfg.hook else []), ("--hooks", cfg.hooks),
+                            ("--target", [cfg.target] if cfg.target else [])):
+            for h in hooks:
+                if h not in self.store.hooks:
+                    raise UserError(f"hook point {h!r} ({flag}) is not in store {cfg.store!r}; it holds "
+                                    f"{self.store.hooks}; pass one of them with {flag}, or collect {h} into the "
+                                    f"store (saeforge collect --hooks {','.join([*self.store.hooks, h])})")
         if not self.store.complete:
             log.warning("store %s is not complete (collection still running or interrupted); training on its "
                         "%d committed rows", cfg.store, self.store.n_tokens)
-        self.d_in = self.store.d_model
+        self.data_hooks = cfg.data_hooks  # per row: the inputs side by side, then a transcoder's target
+        what = "--arch crosscoder" if cfg.hooks else ("a transcoder (--hook, --target)" if cfg.target else "an SAE")
+        self.d_in = check_widths(self.store, self.data_hooks, what)
         self.specs = sweep_members(cfg, self.d_in)
         for spec in self.specs:
-            if spec.arch.arch in ("topk", "batchtopk") and spec.arch.k > spec.arch.d_sae:
+            if spec.arch.arch in TOPK_FAMILY and spec.arch.k > spec.arch.d_sae:
                 raise UserError(f"--k {spec.arch.k} is larger than the dictionary ({spec.arch.d_sae} latents at "
                                 f"--expansion {spec.arch.d_sae // self.d_in}); use a smaller --k or a larger "
                                 f"--expansion")
@@ -102,6 +108,7 @@ class Trainer:
         self.step = 0
         self.position = 0
         self.scale = 1.0
+        self.scales: list[float] = [1.0] * len(self.data_hooks)  # unit mean ‖x‖² per hook (self.scale: the first)
         self.members: list[Member] = []
         self.wandb_id: str | None = None
         self.elapsed = 0.0
@@ -113,23 +120,48 @@ class Trainer:
             raise UserError(f"{str(self.out)!r} holds the checkpoint of an interrupted run; pass --resume to "
                             f"continue it, or choose another --out")
         torch.manual_seed(cfg.data_seed)
-        sample = torch.from_numpy(sample_rows(self.store, cfg.hook, cfg.scale_sample, cfg.data_seed))
+        sample = torch.from_numpy(sample_rows(self.store, self.data_hooks, cfg.scale_sample, cfg.data_seed))
         if len(sample) == 0:
             raise UserError(f"store {cfg.store!r} has no training rows (all rows are held out or keep=False)")
         if not torch.isfinite(sample).all():
-            raise UserError(f"store {cfg.store!r} hook {cfg.hook!r} has NaN/inf activations; recollect it "
-                            f"(e.g. with --dtype float32)")
-        self.scale = unit_norm_scale(sample)
-        sample = sample * self.scale
-        b_dec = geometric_median(sample[:16384]) if cfg.init_b_dec == "median" else sample.mean(0)
+            raise UserError(f"store {cfg.store!r} hook {','.join(self.data_hooks)!r} has NaN/inf activations; "
+                            f"recollect it (e.g. with --dtype float32)")
+        d = self.d_in
+        self.scales = [unit_norm_scale(sample[:, j * d:(j + 1) * d]) for j in range(len(self.data_hooks))]
+        self.scale = self.scales[0]
+        sample = self._scaled(sample)
+        centre = (lambda rows: geometric_median(rows[:16384])) if cfg.init_b_dec == "median" else (lambda rows: rows.mean(0))
+        x_sample, y_sample = self._split(sample)
+        b_dec = centre(x_sample if y_sample is None else y_sample)
+        b_in = centre(x_sample) if y_sample is not None else None
         for spec in self.specs:
             gen = torch.Generator().manual_seed(spec.init_seed)
             sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device=self.device).train()
             if cfg.init_enc_scale != 1.0:
                 with torch.no_grad():
                     sae.enc.mul_(cfg.init_enc_scale)
+            if b_in is not None:
+                sae.centre_input(b_in.to(self.device))
             self.members.append(self._member(spec, sae))
         self._sync_members()
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the data hooks (side by side) at unit mean squared norm per hook, in place."""
+        if len(self.scales) == 1:
+            return rows.mul_(self.scale)
+        col = torch.tensor(self.scales, dtype=rows.dtype, device=rows.device)
+        return rows.view(rows.shape[0], len(self.scales), -1).mul_(col[:, None]).view(rows.shape)
+
+    def _scale_columns(self, rows: torch.Tensor) -> torch.Tensor | float:
+        if len(self.scales) == 1:
+            return self.scale
+        return torch.tensor(self.scales, dtype=rows.dtype, device=rows.device).repeat_interleave(self.d_in)
+
+    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input, a transcoder's target or None) of a batch of data-hook rows."""
+        if not self.cfg.target:
+            return rows, None
+        return rows[:, :-self.d_in], rows[:, -self.d_in:]
 
     def _sync_members(self) -> None:
         if self.dist.enabled:
@@ -151,6 +183,7 @@ class Trainer:
             raise UserError(f"--resume with a changed config ({diffs}); rerun with the original settings or "
                             f"start a new run in another --out")
         self.step, self.position, self.scale = ck["step"], ck["position"], ck["scale"]
+        self.scales = list(ck.get("scales", [self.scale]))
         self.wandb_id, self.elapsed = ck.get("wandb_id"), ck.get("elapsed", 0.0)
         for spec, st in zip(self.specs, ck["members"]):
             sae = build_sae(spec.arch, device=self.device).train()
@@ -168,7 +201,7 @@ class Trainer:
         if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
             return join(self.out, "checkpoint.pt")
         state = {"version": 1, "config": config_dict(self.cfg), "step": self.step, "position": self.position,
-                 "scale": self.scale, "wandb_id": self.wandb_id, "elapsed": self.elapsed,
+                 "scale": self.scale, "scales": self.scales, "wandb_id": self.wandb_id, "elapsed": self.elapsed,
                  "rng": torch.get_rng_state(),
                  "members": [{"name": m.spec.name, "sae": m.sae.state_dict(), "opt": m.opt.state_dict(),
                               "since_fired": m.since_fired.cpu(), "window_counts": m.window_counts.cpu()}
@@ -176,19 +209,21 @@ class Trainer:
         return save_checkpoint(self.out, state)
 
     # ---- the loop --------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """One step of every member on inputs x (and a transcoder's targets y)."""
         cfg = self.cfg
-        var_scale = None
-        if self.dist.enabled:
-            var_local = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)  # as the losses compute it
-            var_scale = (self.dist.world * var_local.double()
-                         / ddp.global_sq_dev(x, self.dist.world).clamp_min(1e-12)).float()
+        var = None
+        if self.dist.enabled:  # FVU denominators of the global batch, shared out: rank losses sum to the global one
+            t = x if y is None else y
+            d = t.shape[1] // self.n_out_layers
+            var = torch.stack([ddp.global_sq_dev(t[:, j * d:(j + 1) * d], self.dist.world).clamp_min(1e-12)
+                               for j in range(self.n_out_layers)]).float() / self.dist.world
         for m in self.members:
             sae = m.sae
             dead = m.since_fired >= cfg.dead_after
-            out = sae(x, dead_mask=dead)
+            out = sae(x, dead_mask=dead, target=y, var=var)
             if self.dist.enabled:
-                fire, last = self._ddp_backward(m, out, x, var_scale)
+                fire, last = self._ddp_backward(m, out)
             else:
                 out.loss.backward()
                 fire, last = out.fire_counts, None
@@ -217,23 +252,21 @@ class Trainer:
         decay = cfg.decay_fraction if cfg.decay_fraction is not None else (0.0 if sf else 0.2)
         return lr_at(self.step, total, m.spec.lr, warmup_steps_for(total, warm), decay)
 
-    # terms of SAEOutput.terms divided by the batch variance (the rest are means over rows)
-    _VAR_TERMS = ("fvu", "aux")
+    @property
+    def n_out_layers(self) -> int:
+        """Hook points the dictionaries reconstruct (a crosscoder's layers; 1 otherwise)."""
+        return len(self.cfg.input_hooks) if not self.cfg.target else 1
 
-    def _ddp_backward(self, m: Member, out: Any, x: torch.Tensor, var_scale: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _ddp_backward(self, m: Member, out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Backward of this rank's share of the global-batch loss, then one all_reduce (sae.distributed).
 
-        var_scale = N·var_local/var_global: the variance-normalised part V of the loss (all of it for
-        topk/batchtopk: FVU + AuxK; FVU for relu/jumprelu) becomes N·Σ_local‖x̂−x‖²/var_global, whose
-        rank average is the global FVU; mean-over-rows terms average across ranks as they are."""
+        The forward divided by var_global/N (per layer): its variance-normalised terms are
+        N·Σ_local‖ŷ−y‖²/var_global, whose rank average is the global FVU (and AuxK); mean-over-rows
+        terms (L1, L0) average across ranks as they are."""
         sae = m.sae
-        var_part = out.loss if sae.cfg.arch in ("topk", "batchtopk") else fvu(out.recon, x)
-        (out.loss + (var_scale - 1) * var_part).backward()
+        out.loss.backward()
         names = sorted(out.terms)
-        s = var_scale.detach().float()
-        loss = out.loss.detach() + (s - 1) * var_part.detach()
-        vals = [loss, out.l0.float()] + [out.terms[k].float() * (s if k in self._VAR_TERMS else 1) for k in names]
+        vals = [out.loss.detach(), out.l0.float()] + [out.terms[k].float() for k in names]
         counts, avg = ddp.reduce_step(list(sae.parameters()), out.fire_counts, torch.stack(vals), self.dist.world)
         if sae.has_threshold:  # batchtopk's EMA threshold: what a global selection's minimum would give
             ddp.all_min_(sae.threshold)
@@ -250,17 +283,17 @@ class Trainer:
             self._resume()
         else:
             self._init_fresh()
-        heldout = torch.from_numpy(heldout_rows(self.store, cfg.hook, cfg.eval_rows)).to(self.device) * self.scale
+        heldout = self._scaled(torch.from_numpy(heldout_rows(self.store, self.data_hooks, cfg.eval_rows)).to(self.device))
         if not torch.isfinite(heldout).all():
-            raise UserError(f"store {cfg.store!r} hook {cfg.hook!r} has NaN/inf activations in held-out rows; "
-                            f"recollect it (e.g. with --dtype float32)")
+            raise UserError(f"store {cfg.store!r} hook {','.join(self.data_hooks)!r} has NaN/inf activations in "
+                            f"held-out rows; recollect it (e.g. with --dtype float32)")
         if not self.dist.is_main:
             heldout = heldout[:0]  # rank 0 evaluates
         elif len(heldout) == 0:
             log.warning("store %s has no held-out rows (collected with --heldout-fraction 0?): held-out metrics "
                         "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
                         cfg.store)
-        loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.data_seed, position=self.position,
+        loader = ShuffledLoader(self.store, self.data_hooks, cfg.batch_size, seed=cfg.data_seed, position=self.position,
                                 buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
@@ -277,8 +310,7 @@ class Trainer:
         interrupted = False
         try:
             while self.step < total:
-                x = next(it).to(self.device, non_blocking=True).mul_(self.scale)
-                self.train_step(x)
+                self.train_step(*self._split(self._scaled(next(it).to(self.device, non_blocking=True))))
                 tok_window += cfg.batch_size
                 session_tokens += cfg.batch_size
                 bar.update(cfg.batch_size)
@@ -356,10 +388,13 @@ class Trainer:
         for m in self.members:
             d: dict[str, float] = {}
             if len(heldout):
-                # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + input_scale
+                # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + the scales
+                n_in = len(self.cfg.input_hooks)
+                x, y = self._split(heldout / self._scale_columns(heldout))
                 with m.opt.inference_weights():
-                    r = evaluate_rows(m.sae, heldout / self.scale, input_scale=self.scale)
-                d.update({f"heldout_{k}": v for k, v in r.items() if k not in ("latent_density_hist", "d_sae")})
+                    r = evaluate_rows(m.sae, x, input_scale=self.scales[:n_in], target=y,
+                                      output_scale=self.scales[n_in:] or None)
+                d.update({f"heldout_{k}": v for k, v in flat_metrics(r).items()})
             d["train_fvu"] = float(m.last.get("fvu", math.nan))
             d["train_l0"] = float(m.last.get("l0", math.nan))
             d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_after).float().mean())
@@ -391,7 +426,12 @@ class Trainer:
         many = len(self.members) > 1
         for m in self.members:
             d = join(self.out, m.spec.name) if many else self.out
-            meta = {"hook_point": self.cfg.hook, "model": self.store.model_spec, "model_hash": self.store.model_hash,
+            ins = self.cfg.input_hooks
+            points: dict[str, Any] = {"hook_point": ins[0] if len(ins) == 1 else None, "hook_points": ins,
+                                      "output_hook_points": [self.cfg.target] if self.cfg.target else ins}
+            if self.cfg.target:
+                points["target_hook_point"] = self.cfg.target
+            meta = {**points, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                     "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
                     "lr": m.spec.lr, "optimizer": m.spec.optimizer, "seed": m.spec.seed, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
                     "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
@@ -399,7 +439,9 @@ class Trainer:
                                                                     ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
                                                                      "prepend_bos", "hook_modules")}}
             with m.opt.inference_weights():
-                dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta))
+                n_in = len(ins)
+                dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta,
+                                     scales=(self.scales[:n_in], self.scales[n_in:] or self.scales[:n_in])))
             log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
         return dirs
 
@@ -420,6 +462,16 @@ class Trainer:
     def _restore_signals(old: dict[int, Any]) -> None:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def flat_metrics(r: dict[str, Any]) -> dict[str, float]:
+    """Scalar metrics of an evaluation for logging: per-layer and per-prefix lists become one key each
+    (layer{i}_fvu for a crosscoder's hook points in order, prefix{n}_fvu for a Matryoshka prefix of n latents)."""
+    out = {k: v for k, v in r.items() if k not in ("latent_density_hist", "d_sae", "layer_fvu", "prefix_fvu",
+                                                   "prefix_sizes")}
+    out.update({f"layer{i}_fvu": v for i, v in enumerate(r.get("layer_fvu") or [])})
+    out.update({f"prefix{n}_fvu": v for n, v in zip(r.get("prefix_sizes") or [], r.get("prefix_fvu") or [])})
+    return out
 
 
 def train(cfg: TrainConfig, **kw: Any) -> TrainResult:

@@ -122,7 +122,7 @@ def test_resume_with_other_hook_is_refused(smollm2, wikitext_dir, tmp_path):
 
 
 @pytest.mark.parametrize("hooks,match", [(["layers.30.resid_post"], "out of range"),
-                                         (["layers.2.resid_mid"], "unknown hook point"),
+                                         (["layers.2.resid_middle"], "unknown hook point"),
                                          (["blocks.2"], "unknown hook point")])
 def test_bad_hooks(smollm2, wikitext_dir, tmp_path, hooks, match):
     with pytest.raises(UserError, match=match):

@@ -11,6 +11,22 @@ from tests.tiny_models import CONFIGS, tiny_model
 
 ARCHS = sorted(CONFIGS)
 
+# The hand-written forward of each block around its MLP (what transformers' modeling files do):
+# (how the block is wired, the norm the MLP reads, the norm applied to attention's output before the add,
+#  the norm applied to the MLP's output before the add)
+WIRING = {
+    "gpt2": ("sequential", "ln_2", None, None),
+    "llama": ("sequential", "post_attention_layernorm", None, None),
+    "mistral": ("sequential", "post_attention_layernorm", None, None),
+    "qwen2": ("sequential", "post_attention_layernorm", None, None),
+    "qwen3": ("sequential", "post_attention_layernorm", None, None),
+    "phi3": ("sequential", "post_attention_layernorm", None, None),
+    "gemma2": ("sequential", "pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt_neox": ("parallel", "post_attention_layernorm", None, None),  # use_parallel_residual=True by default
+    "falcon": ("parallel", "input_layernorm", None, None),             # parallel_attn=True by default
+    "gptj": ("parallel", "ln_1", None, None),
+}
+
 
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request):
@@ -43,7 +59,9 @@ def test_final_norm_is_what_the_unembedding_reads(model):
 def test_every_hook_point_resolves_and_fires(model):
     lay = discover_layout(model)
     names = hook_point_names(lay)
-    assert len(names) == 2 + 4 * lay.n_layers
+    per_block = 6 if lay.mlp_norm else 5  # resid_pre, attn_out, [resid_mid], mlp_in, mlp_out, resid_post
+    assert len(names) == 2 + per_block * lay.n_layers
+    assert bool(lay.mlp_norm) != lay.parallel, (lay.mlp_norm, lay.parallel)
     with capture(model, names) as acts, torch.no_grad():
         model(input_ids=_ids())
     assert set(acts) == set(names)
@@ -155,3 +173,65 @@ def test_aliases_of_one_point_are_refused_not_shifted(model):
         model(input_ids=_ids())
     assert [p.name for p in points] == [f"layers.{n - 1}.resid_post", "layers.0.resid_post"]
     assert calls == ["first", "last"]
+
+
+def test_mlp_in_and_resid_mid_match_a_hand_written_forward(model):
+    """mlp_in is what the MLP receives (after its norm); resid_mid is the residual between attention and MLP,
+    checked against each architecture's own wiring; parallel blocks refuse resid_mid with one line."""
+    arch = model.config.model_type
+    wiring, mlp_norm, attn_post, mlp_post = WIRING[arch]
+    lay = discover_layout(model)
+    n = lay.n_layers
+    sites = ["resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post"] + (["resid_mid"] if wiring == "sequential" else [])
+    points = [f"layers.{i}.{s}" for i in range(n) for s in sites]
+    with capture(model, points) as acts, torch.no_grad():
+        model(input_ids=_ids())
+    for i in range(n):
+        a = {s: acts[f"layers.{i}.{s}"] for s in sites}
+        block = model.get_submodule(lay.blocks[i])
+        norm = lambda name, x: block.get_submodule(name)(x)  # noqa: E731
+        with torch.no_grad():
+            torch.testing.assert_close(block.get_submodule(lay.mlp[i].rsplit(".", 1)[-1])(a["mlp_in"]), a["mlp_out"])
+            if wiring == "parallel":
+                torch.testing.assert_close(a["mlp_in"], norm(mlp_norm, a["resid_pre"]))
+                continue
+            attn = norm(attn_post, a["attn_out"]) if attn_post else a["attn_out"]
+            torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + attn)
+            torch.testing.assert_close(a["mlp_in"], norm(mlp_norm, a["resid_mid"]))
+            mlp = norm(mlp_post, a["mlp_out"]) if mlp_post else a["mlp_out"]
+            torch.testing.assert_close(a["resid_post"], a["resid_mid"] + mlp)
+    if wiring == "parallel":
+        with pytest.raises(UserError, match="in parallel") as e:
+            resolve_hook_point(lay, "layers.1.resid_mid")
+        assert "layers.1.mlp_in" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_editing_resid_mid_reaches_the_residual_and_mlp_in_only_the_mlp(model):
+    """An edit at resid_mid is carried by the residual stream too (adding v there = adding v to attention's
+    output where that is added as it is); an edit at mlp_in changes what the MLP reads and nothing else."""
+    arch = model.config.model_type
+    wiring, _, attn_post, _ = WIRING[arch]
+    ids = _ids()
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+        with hooks(model, {"layers.1.mlp_in": add_vector(v, 3.0)}):
+            at_mlp_in = model(input_ids=ids).logits
+        with hooks(model, {"layers.1.mlp_in": add_vector(v, 3.0)}):  # capture, installed after, sees the edit
+            with capture(model, ["layers.1.mlp_in", "layers.1.mlp_out"]) as acts:
+                model(input_ids=ids)
+    assert not torch.allclose(clean, at_mlp_in)
+    lay = discover_layout(model)
+    mlp = model.get_submodule(lay.mlp[1])
+    with torch.no_grad():
+        torch.testing.assert_close(acts["layers.1.mlp_out"], mlp(acts["layers.1.mlp_in"]))
+    if wiring == "parallel" or attn_post:
+        return
+    with torch.no_grad():
+        with hooks(model, {"layers.1.resid_mid": add_vector(v, 3.0)}):
+            at_mid = model(input_ids=ids).logits
+        with hooks(model, {"layers.1.attn_out": add_vector(v, 3.0)}):
+            at_attn = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(at_mid, at_attn, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, clean, rtol=0, atol=0)

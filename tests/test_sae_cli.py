@@ -63,13 +63,13 @@ def test_train_cli_user_errors_exit_2(store, tmp_path, capsys, args, msg):
 def trained(store, tmp_path_factory):
     out = {}
     root = tmp_path_factory.mktemp("tr")
-    for arch in ("topk", "batchtopk", "relu", "jumprelu"):
+    for arch in ("topk", "batchtopk", "relu", "jumprelu", "matryoshka"):
         assert _train(store, root / arch, "--arch", arch, "--wandb", "disabled") == 0
         out[arch] = root / arch
     return out
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_export_saelens_format(trained, tmp_path, arch):
     assert dispatch(["export", str(trained[arch]), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
@@ -101,7 +101,7 @@ def _saelens_python() -> str:
     return py
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_saelens_loads_export_with_same_encode_decode(trained, tmp_path, arch):
     py = _saelens_python()
     assert dispatch(["export", str(trained[arch]), "--out", str(tmp_path / "sl")]) == 0
@@ -118,6 +118,17 @@ def test_saelens_loads_export_with_same_encode_decode(trained, tmp_path, arch):
         assert (f_ours > 0).float().mean() > 0  # a real code, not all zeros
         assert torch.allclose(f_ours, f_theirs, atol=1e-5)
         assert torch.allclose(ours.decode(f_ours), x_theirs, atol=1e-5)
+
+
+def test_export_of_a_transcoder_is_refused_in_one_line(store, tmp_path, capsys):
+    """The synthetic store has one hook; a cfg.json of kind transcoder (saved by saeforge) is refused."""
+    d = tmp_path / "tc"
+    assert _train(store, d, "--wandb", "disabled") == 0
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "kind": "transcoder"}))
+    assert dispatch(["export", str(d), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a transcoder; SAELens export writes sparse autoencoders only" in err and len(err.splitlines()) == 1
 
 
 def test_export_errors(tmp_path, capsys):

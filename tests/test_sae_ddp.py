@@ -112,3 +112,29 @@ def test_batch_must_split_evenly(store, tmp_path, monkeypatch):
     a = [next(iter(ShuffledLoader(store, store.hooks[0], 256, rank=r, world=2))) for r in (0, 1)]
     whole = next(iter(ShuffledLoader(store, store.hooks[0], 256)))
     assert torch.equal(torch.cat(a), whole)
+
+
+def test_torchrun_two_ranks_match_single_process_for_a_skip_transcoder(tmp_path):
+    """A skip-transcoder (two hook points per row, per-hook scales, b_in, W_skip, the target's global
+    variance) trains the same weights on 2 gloo ranks as in one process."""
+    from sae.synthetic import planted_dictionary, planted_rows
+    dx, ox = planted_dictionary(16, 32, seed=1)
+    dy, oy = planted_dictionary(16, 32, seed=2)
+    x, y = planted_rows(8192, [dx, dy], [ox, oy], active=3)
+    st = write_synthetic_store(str(tmp_path / "t.zarr"), n_tokens=8192, d=16, context=64, shard_rows=1024,
+                               rows={"layers.0.mlp_in": x, "layers.0.mlp_out": y})
+    kw = dict(hook="layers.0.mlp_in", target="layers.0.mlp_out", skip=True)
+    train(TrainConfig(**{**_cfg(st, tmp_path / "one").__dict__, "arch": ["topk"], **kw}))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    args = _args(st, tmp_path / "ddp")
+    args[args.index("--arch") + 1] = "topk"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sae", "train", *args, "--hook", kw["hook"], "--target", kw["target"], "--skip"]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_sae(tmp_path / "one").state_dict(), load_sae(tmp_path / "ddp").state_dict()
+    assert "W_skip" in a and float(a["W_skip"].abs().max()) > 0
+    for k in a:
+        diff = float((a[k] - b[k]).abs().max())
+        assert diff < ATOL, (k, diff)

@@ -40,8 +40,11 @@ def test_missing_k_is_refused_not_zero(saved):
 
 def test_unknown_fields_are_refused_not_dropped(saved):
     d, _ = saved
-    _edit_cfg(d, lambda c: c["arch_config"].update(group_sizes=[8, 24]))
-    with pytest.raises(UserError, match=r"arch_config fields \['group_sizes'\] that this saeforge does not know"):
+    _edit_cfg(d, lambda c: c["arch_config"].update(hierarchy_levels=[8, 24]))
+    with pytest.raises(UserError, match=r"arch_config fields \['hierarchy_levels'\] that this saeforge does not know"):
+        load_sae(d)
+    _edit_cfg(d, lambda c: (c["arch_config"].pop("hierarchy_levels"), c["arch_config"].update(group_sizes=[8, 24])))
+    with pytest.raises(UserError, match="arch_config is inconsistent"):  # a known field on the wrong architecture
         load_sae(d)
 
 
