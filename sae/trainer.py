@@ -145,9 +145,10 @@ class Trainer:
 
     def _resume(self) -> None:
         ck = load_checkpoint(self.out)
-        changed = config_changes(ck["config"], config_dict(self.cfg), RESUMABLE_CHANGES)
+        old = {**config_dict(TrainConfig()), **ck["config"]}  # fields newer than the checkpoint: their defaults
+        changed = config_changes(old, config_dict(self.cfg), RESUMABLE_CHANGES)
         if changed:
-            diffs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config_dict(self.cfg).get(k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config_dict(self.cfg).get(k)!r}" for k in changed)
             raise UserError(f"--resume with a changed config ({diffs}); rerun with the original settings or "
                             f"start a new run in another --out")
         self.step, self.position, self.scale = ck["step"], ck["position"], ck["scale"]
@@ -261,7 +262,13 @@ class Trainer:
                         "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
                         cfg.store)
         loader = ShuffledLoader(self.store, cfg.hook, cfg.batch_size, seed=cfg.seed, position=self.position,
-                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
+                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world,
+                                lanes=cfg.data_lanes, pin_memory=self.device.type == "cuda")
+        if self.dist.enabled and not loader.local and self.dist.is_main:
+            log.warning("--data-lanes %d is not a multiple of the %d ranks: every rank reads every batch whole and "
+                        "keeps its slice; pass --data-lanes %d so each rank reads only its share", cfg.data_lanes,
+                        self.dist.world, self.dist.world)
+        self.loader = loader
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
                            "model": self.store.model_spec, "model_hash": self.store.model_hash},
