@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.sparse_ops import SparseCodes, sparse_autoencode, topk_autoencode
+from sae.sparse_ops import SparseCodes, sparse_autoencode, sync_free, topk_autoencode
 
 
 @dataclass
@@ -154,7 +154,15 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
     loss_fvu = (recon - x).pow(2).sum() / var
     loss = loss_fvu
     aux = loss_fvu.new_zeros(())
-    if dead_mask is not None and sae.training:
+    if dead_mask is not None and sae.training and sync_free(x):
+        # no host sync (CUDA): AuxK always runs over the top min(aux_k, d_sae) masked latents and is
+        # weighted min(n_dead/aux_k, 1), so 0 when none is dead; otherwise as below
+        aux_k = sae.cfg.aux_k or sae.cfg.d_in // 2
+        _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, min(aux_k, sae.cfg.d_sae), mask=dead_mask,
+                                      pre=pre)
+        aux = (dead_mask.sum() / aux_k).clamp(max=1.0) * (e_hat - (x - recon).detach()).pow(2).sum() / var
+        loss = loss + sae.cfg.aux_coef * aux
+    elif dead_mask is not None and sae.training:
         n_dead = int(dead_mask.sum())
         aux_k = sae.cfg.aux_k or sae.cfg.d_in // 2
         if n_dead > 0:

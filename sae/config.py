@@ -97,6 +97,9 @@ class TrainConfig:
         if self.data_lanes < 1 or self.batch_size % self.data_lanes:
             raise UserError(f"--data-lanes {self.data_lanes} must be a positive divisor of --batch-size "
                             f"{self.batch_size}")
+        if self.dtype == "float16" and set(self.arch) - {"topk", "batchtopk"}:
+            raise UserError(f"--dtype float16 needs a loss scaler for --arch {','.join(self.arch)} (its backward "
+                            f"runs in float16); use --dtype bfloat16")
         check_device(self.device)
 
     @property
