@@ -13,8 +13,9 @@ its rows of W_dec; b_dec is replicated. Every rank sees the same batch. Per step
 - decoder-gradient projection, decoder renormalisation and the optimizer are per row / element,
   so local; gradient clipping uses the global norm (one scalar all_reduce).
 
-Parameter and optimizer memory per rank are ~1/N of the whole SAE's. AuxK is not implemented
-here (this module trains TopK without it), and the `saeforge train` CLI does not use it yet.
+AuxK (dead latents reconstructing the residual) uses the same global choice over the dead-masked
+pre-activations. Parameter and optimizer memory per rank are ~1/N of the whole SAE's. The
+`saeforge train` CLI does not use this module yet (no --shard-latents).
 """
 from __future__ import annotations
 
@@ -102,22 +103,43 @@ class ShardedTopK(nn.Module):
             m.b_dec.copy_(sae.b_dec)
         return m
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, FVU loss, this rank's fire counts [n_local]) of the whole SAE on x."""
-        xc = x - _SumGrad.apply(self.b_dec, self.group)  # the encoder side of b_dec's gradient, summed
-        b, k = x.shape[0], self.cfg.k
+    def _decode_choice(self, xc: torch.Tensor, pre: torch.Tensor, k: int) -> torch.Tensor:
+        """Whole-SAE decoding (no b_dec) of each row's global top k of `pre` (local [B, n_local])."""
+        b = xc.shape[0]
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xc, self.enc.t())
             top, gidx = global_topk(pre, k, self.offset, self.group)
             mine = (gidx >= self.offset) & (gidx < self.offset + self.n_local)
             cols = torch.where(mine, gidx - self.offset, torch.zeros_like(gidx))
             gathered = torch.where(mine, top, torch.full_like(top, float("-inf")))  # value 0, no gradient
-        offsets = torch.arange(0, b * k, k, device=x.device, dtype=torch.int64)
+        offsets = torch.arange(0, b * k, k, device=xc.device, dtype=torch.int64)
         codes, recon_local = sparse_autoencode(xc, self.enc, self.b_enc, self.W_dec, cols.reshape(-1), offsets,
                                                gathered.reshape(-1), b)
-        recon = _SumPartials.apply(recon_local, self.group) + self.b_dec
+        self._fired = codes.fire_counts()
+        return _SumPartials.apply(recon_local, self.group)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, loss, this rank's fire counts [n_local], AuxK term) of the whole SAE on x.
+
+        Loss = FVU + aux_coef·AuxK as TopKSAE computes it; `dead_mask` [n_local] marks this rank's
+        dead latents (AuxK: the global top aux_k dead latents reconstruct the residual, weighted
+        min(n_dead/aux_k, 1) with n_dead summed over the ranks)."""
+        xc = x - _SumGrad.apply(self.b_dec, self.group)  # the encoder side of b_dec's gradient, summed
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.enc.t())
+        recon = self._decode_choice(xc, pre, self.cfg.k) + self.b_dec
+        fired = self._fired
         var = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-        return recon, (recon - x).pow(2).sum() / var, codes.fire_counts()
+        loss = (recon - x).pow(2).sum() / var
+        aux = loss.new_zeros(())
+        if dead_mask is not None:
+            aux_k = self.cfg.aux_k or self.cfg.d_in // 2
+            n_dead = dead_mask.sum().to(torch.float32)
+            dist.all_reduce(n_dead, group=self.group)
+            e_hat = self._decode_choice(xc, pre.masked_fill(~dead_mask, float("-inf")), min(aux_k, self.cfg.d_sae))
+            aux = (n_dead / aux_k).clamp(max=1.0) * (e_hat - (x - recon).detach()).pow(2).sum() / var
+            loss = loss + self.cfg.aux_coef * aux
+        return recon, loss, fired, aux.detach()
 
     # ---- the rest of a training step -----------------------------------------------------------
     @torch.no_grad()

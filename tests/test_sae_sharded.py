@@ -1,6 +1,6 @@
-"""Latent-sharded TopK (sae/sharded.py) with 2 gloo ranks on CPU: after 20 steps on real store rows
-the gathered SAE equals a single-process TopKSAE trained with the same step, and each rank holds
-about half the parameter + optimizer memory."""
+"""Latent-sharded TopK (sae/sharded.py) with 2 gloo ranks on CPU: after 20 steps on store rows (AuxK
+included) the gathered SAE equals a single-process TopKSAE trained with the trainer's step, and each
+rank holds about half the parameter + optimizer memory."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ from sae.synthetic import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CFG = ArchConfig(arch="topk", d_in=16, d_sae=128, k=4)
-STEPS, BATCH, LR, CLIP = 20, 256, 3e-3, 1.0
+STEPS, BATCH, LR, CLIP, DEAD_AFTER = 20, 256, 3e-3, 1.0, 1024  # latents die within the run: AuxK engages
 # the sharded run sums the same fp32 products in another order (two partial decodings + all_reduce);
 # Adam carries that rounding through 20 steps: 1e-5 fails a wrong shard, selection or gradient (≥1e-3)
 ATOL = 1e-5
@@ -39,15 +39,22 @@ def _state_bytes(params, opt):
 
 
 def _single(path):
+    """What sae.trainer does per step for one TopK SAE (CPU AuxK path, dead-latent counter)."""
     sae = _init()
     opt = TrainOptimizer("adam", list(sae.named_parameters()), LR)
+    since = torch.zeros(CFG.d_sae, dtype=torch.int64)
+    n_aux = 0
     for x in _batches(path):
-        sae(x).loss.backward()
+        out = sae(x, dead_mask=since >= DEAD_AFTER)
+        out.loss.backward()
+        n_aux += int(out.terms["aux"] > 0)
         sae.project_decoder_grad()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), CLIP)
         opt.step()
         sae.normalize_decoder()
-    return sae.state_dict(), _state_bytes(sae.parameters(), opt)
+        since += len(x)
+        since.masked_fill_(out.fire_counts > 0, 0)
+    return sae.state_dict(), _state_bytes(sae.parameters(), opt), n_aux
 
 
 def _worker(rank, port, path, out):
@@ -60,13 +67,16 @@ def _worker(rank, port, path, out):
     m = ShardedTopK.from_full(_init(), rank, 2)
     opt = TrainOptimizer("adam", list(m.named_parameters()), LR)
     losses = []
+    since = torch.zeros(m.n_local, dtype=torch.int64)
     for x in _batches(path):
-        _, loss, _ = m(x)
+        _, loss, fired, _ = m(x, dead_mask=since >= DEAD_AFTER)
         loss.backward()
         m.project_decoder_grad()
         m.clip_grad_norm_(CLIP)
         opt.step()
         m.normalize_decoder()
+        since += len(x)
+        since.masked_fill_(fired > 0, 0)
         losses.append(float(loss))
     full = m.full_state()
     if rank == 0:
@@ -82,7 +92,8 @@ def test_two_shards_train_the_single_process_sae(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, store.path, str(tmp_path / "r0.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "r0.pt", weights_only=True)
-    ref, ref_bytes = _single(store.path)
+    ref, ref_bytes, n_aux = _single(store.path)
+    assert n_aux >= 5  # AuxK was part of the compared steps
     assert got["losses"][-1] < 0.8 * got["losses"][0]  # it learned (0.78 -> 0.53 FVU here)
     for k in ref:
         diff = float((ref[k] - got["state"][k]).abs().max())
