@@ -16,6 +16,7 @@ Fails (exit 1, one line) without CUDA unless SAEFORGE_BENCH_DRY=1.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
@@ -35,7 +36,7 @@ from bench.quality import Saeforge, evaluate  # noqa: E402
 from collect.collector import CollectConfig, collect_activations  # noqa: E402
 from collect.corpus import load_documents, pack_sequences  # noqa: E402
 from collect.layers import discover_layout  # noqa: E402
-from collect.model import load_model  # noqa: E402
+from collect.model import ModelDtype, load_model  # noqa: E402
 from collect.store import Store  # noqa: E402
 from sae.loader import ShuffledLoader, heldout_rows  # noqa: E402
 
@@ -45,7 +46,7 @@ DRY = os.environ.get("SAEFORGE_BENCH_DRY") == "1"
 SIZE = dict(tokens=1024, batch=8, expansion=2, k=8, train_batch=512, train_tokens=512 * 12) if DRY else \
     dict(tokens=64 * 128 * 160, batch=64, expansion=114, k=64, train_batch=4096, train_tokens=4096 * 200)
 LAYER, CONTEXT, WARMUP = 15, 128, 5
-MODEL_DTYPE = "float32" if DRY else "bfloat16"  # bf16 matmuls crawl on CPUs without AVX-512-BF16
+MODEL_DTYPE: ModelDtype = "float32" if DRY else "bfloat16"  # bf16 matmuls crawl on CPUs without AVX-512-BF16
 
 
 def sync(device: str) -> None:
@@ -72,7 +73,7 @@ def bench_collect(device: str, corpus: Path, tmp: Path) -> Store:
         model(input_ids=batches[0][:1])  # warm-up (kernels, allocator)
 
     def bare() -> float:
-        full = list(blocks)
+        full = list(blocks.children())
         blocks._modules = {str(i): m for i, m in enumerate(full[: LAYER + 1])}
         try:
             sync(device)
@@ -118,7 +119,11 @@ def bench_train(device: str, store: Store, tmp: Path) -> list[dict[str, Any]]:
     if len(x_eval) == 0:  # a dry run's toy store may hold no held-out document
         print("  (no held-out rows in this store: FVU below is on training rows)")
         x_eval = torch.from_numpy(store.activations(hook, 0, min(store.n_tokens, 4096))).to(device)
-    ns = type("A", (), {"hook": hook, "k": k, "expansion": SIZE["expansion"], "batch_size": batch, "threads": 0})
+    ns = argparse.Namespace(hook=hook, k=k, expansion=SIZE["expansion"], batch_size=batch, threads=0)
+
+    def saeforge(dtype: str) -> Callable[[], Any]:
+        return lambda: Saeforge(f"saeforge-{dtype}", store, SIZE["train_tokens"], ns, tmp,
+                                {"device": device, "dtype": dtype})
 
     makers: list[tuple[str, Callable[[], Any]]] = []
     if sparsify_available():
@@ -126,10 +131,8 @@ def bench_train(device: str, store: Store, tmp: Path) -> list[dict[str, Any]]:
     else:
         print("  (sparsify is not installed: `pip install --no-deps eai-sparsify schedulefree einops natsort "
               "simple-parsing docstring-parser` to compare with it)")
-    for dtype in ("float32", "bfloat16"):
-        makers.append((f"saeforge-{dtype}", lambda dt=dtype: Saeforge(
-            f"saeforge-{dt}", store, SIZE["train_tokens"], ns, tmp, {"device": device, "dtype": dt})))
-    rows = []
+    makers += [(f"saeforge-{dt}", saeforge(dt)) for dt in ("float32", "bfloat16")]
+    rows: list[dict[str, Any]] = []
     for name, make in makers:  # one after another on the same batches: a clean peak per trainer
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

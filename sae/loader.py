@@ -184,7 +184,7 @@ class ShuffledLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         stop = threading.Event()
-        queues = {i: queue.Queue(maxsize=1) for i in self.mine}
+        queues: dict[int, queue.Queue] = {i: queue.Queue(maxsize=1) for i in self.mine}
         threads = [threading.Thread(target=self._produce, args=(self.lanes[i], queues[i], stop),
                                     name=f"sae-loader-{i}", daemon=True) for i in self.mine]
         for t in threads:
