@@ -25,7 +25,7 @@ import torch
 
 import saeforge
 from saeforge.config import check_choices, config_dict, option
-from saeforge.devices import check_device
+from saeforge.devices import check_device, torch_device
 from collect.distributed import DistContext, init_from_env, rank_share, resolve_device, token_share
 from collect.corpus import TokenShare, describe_corpus, estimate_tokens, load_documents, pack_sequences
 from saeforge.errors import UserError
@@ -148,6 +148,8 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
     """Run (or resume) a collection; returns the store opened for reading (finished, except on
     ranks > 0 of a multi-rank run, which return as soon as their own part is complete)."""
     check_output_dir(cfg.out)
+    if cfg.backend == "torch":
+        torch_device(cfg.device)  # --device cuda without CUDA: one line before the lock file or any model load
     ctx = init_from_env(cfg.device)
     try:
         # one run per store: a second `collect` on the same --out stops here (rank 0 holds the lock)

@@ -154,3 +154,11 @@ def test_device_cuda_without_cuda_is_one_line_and_writes_nothing(store, tmp_path
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_collect_device_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert dispatch(["collect", "--device", "cuda", "--out", str(tmp_path / "s.zarr"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no store, no lock file
