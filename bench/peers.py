@@ -35,12 +35,12 @@ def sparsify_available() -> bool:
 class SparsifyDefaults:
     name = "sparsify"
 
-    def __init__(self, d: int, n: int, k: int, seed: int = 0):
+    def __init__(self, d: int, n: int, k: int, seed: int = 0, device: str = "cpu"):
         from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig
         from sparsify.sign_sgd import SignSGD
         torch.manual_seed(seed)
-        self.sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+        self.sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device, dtype=torch.float32)
         self.lr = 5e-3 / (n / 2**14) ** 0.5  # sparsify.trainer, case "signum"
         self.opt = ScheduleFreeWrapper(SignSGD([dict(params=self.sc.parameters(), lr=self.lr)]), momentum=0.95)
         self.opt.train()
@@ -68,7 +68,7 @@ class SparsifyDefaults:
 
         def enc(x: torch.Tensor) -> torch.Tensor:
             acts, idx, _ = sc.encode(x)
-            return torch.zeros(x.shape[0], sc.num_latents).scatter_(1, idx, acts)
+            return torch.zeros(x.shape[0], sc.num_latents, device=x.device).scatter_(1, idx, acts)
 
         return enc, sc.W_dec.detach(), sc.b_dec.detach()
 

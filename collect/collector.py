@@ -25,9 +25,9 @@ import torch
 
 import saeforge
 from saeforge.config import check_choices, config_dict, option
-from saeforge.devices import check_device
-from collect.distributed import DistContext, init_from_env, rank_share, resolve_device
-from collect.corpus import describe_corpus, estimate_tokens, load_documents, pack_sequences
+from saeforge.devices import check_device, torch_device
+from collect.distributed import DistContext, init_from_env, rank_share, resolve_device, token_share
+from collect.corpus import TokenShare, describe_corpus, estimate_tokens, load_documents, pack_sequences
 from saeforge.errors import UserError
 from collect.backends import BackendName, Backend, open_backend
 from collect.model import LoadedModel, ModelDtype
@@ -148,6 +148,8 @@ def collect_activations(cfg: CollectConfig, loaded: LoadedModel | None = None) -
     """Run (or resume) a collection; returns the store opened for reading (finished, except on
     ranks > 0 of a multi-rank run, which return as soon as their own part is complete)."""
     check_output_dir(cfg.out)
+    if cfg.backend == "torch":
+        torch_device(cfg.device)  # --device cuda without CUDA: one line before the lock file or any model load
     ctx = init_from_env(cfg.device)
     try:
         # one run per store: a second `collect` on the same --out stops here (rank 0 holds the lock)
@@ -174,10 +176,11 @@ class _Run:
         acts, seconds = self.backend.forward(ids)
         return torch.from_numpy(ids.astype(np.int64)), acts, seconds
 
-    def sequences(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[Any]:
+    def sequences(self, rank: int = 0, world_size: int = 1, start: int = 0, stop: int | None = None,
+                  share: TokenShare | None = None) -> Iterator[Any]:
         return pack_sequences(self.docs, self.backend.tokenizer, self.cfg.context, prepend_bos=self.cfg.prepend_bos,
                               heldout_fraction=self.cfg.heldout_fraction, rank=rank, world_size=world_size,
-                              start=start)
+                              start=start, stop=stop, share=share)
 
     def calibrate(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> dict[str, float]:
         return _median_norms(acts, _special_mask(ids, self.special_ids))
@@ -268,10 +271,15 @@ def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: i
     medians = dict(info["norm_median"])
     part = join(cfg.out, part_name(ctx.rank))
     writer = StoreWriter(part, {**attrs, "rank": ctx.rank, "norm_median": medians}, run.plan)
+    # every rank tokenises only its share of the document batches and walks all of them (drained
+    # below, also by a rank whose part is already complete) up to the same global last sequence
+    tok_share = token_share(ctx)
+    stop = None if target_rows is None else target_rows // cfg.context
+    start_row = writer.n_committed
+    # this rank's k-th sequence has global index rank + k·world_size
+    seqs = run.sequences(ctx.rank, ctx.world_size, start=(start_row // cfg.context) * ctx.world_size, stop=stop,
+                         share=tok_share)
     if not writer.complete:
-        start_row = writer.n_committed
-        # this rank's k-th sequence has global index rank + k·world_size
-        seqs = run.sequences(ctx.rank, ctx.world_size, start=(start_row // cfg.context) * ctx.world_size)
         share_rows = None if target_rows is None else \
             rank_share(target_rows // cfg.context, ctx.rank, ctx.world_size) * cfg.context
         share = share_rows if share_rows is not None else -(-target // ctx.world_size)
@@ -282,6 +290,11 @@ def _collect_ranks(run: _Run, attrs: dict[str, Any], ctx: DistContext, target: i
             writer.update_attrs(collect_seconds=round(time.perf_counter() - t_start, 2), loop_seconds=round(loop, 3),
                                 loop_tokens=writer.n_committed - start_row)
         log.info("rank %d: part %s complete: %s tokens", ctx.rank, part, f"{writer.n_committed:,}")
+    for _ in seqs:  # the rounds the other ranks still need this rank's tokenisation for
+        pass
+    if tok_share is not None:
+        log.info("rank %d tokenised %d of %d documents (%d characters)", ctx.rank, tok_share.docs_tokenized,
+                 tok_share.docs_seen, tok_share.chars_tokenized)
     if root is not None:
         status = _wait_for_parts(root)
         root.finish(n_tokens=sum(n for n, _ in status), collect_seconds=round(time.perf_counter() - t_start, 2))

@@ -17,7 +17,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -276,15 +276,53 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+@dataclass
+class TokenShare:
+    """Tokenisation split across ranks: in each round of `world_size` document batches rank r
+    tokenises batch r alone, and `gather` (an all_gather of Python objects) hands every rank the
+    ids of all of them. Every rank must walk the same batches (the collector drains its sequences).
+    The counters say how much this rank tokenised itself."""
+    rank: int
+    world_size: int
+    gather: Callable[[Any], list[Any]]
+    docs_tokenized: int = 0
+    chars_tokenized: int = 0
+    docs_seen: int = 0
+
+
+def _token_batches(docs: Any, tokenizer: Any, batch_docs: int, share: TokenShare | None) -> Iterator[list[list[int]]]:
+    """Token ids of the documents in batches, each batch tokenised here or (with `share`) by its owner rank."""
+    batches = _text_batches(docs, batch_docs)
+    if share is None:
+        for texts in batches:
+            yield _tokenize(tokenizer, texts)
+        return
+    while True:
+        round_ = [b for _, b in zip(range(share.world_size), batches)]
+        mine = round_[share.rank] if share.rank < len(round_) else []
+        share.docs_tokenized += len(mine)
+        share.chars_tokenized += sum(map(len, mine))
+        share.docs_seen += sum(map(len, round_))
+        toks = _tokenize(tokenizer, mine) if mine else []
+        flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in toks]) if toks else np.empty(0, np.int32)
+        lens = np.array([len(t) for t in toks], dtype=np.int64)
+        for flat_b, lens_b in share.gather((flat, lens))[:len(round_)]:
+            yield [a.tolist() for a in np.split(flat_b, np.cumsum(lens_b)[:-1])] if len(lens_b) else []
+        if len(round_) < share.world_size:
+            return
+
+
 def pack_sequences(docs: "datasets.Dataset | Sequence[str]", tokenizer: Any, context: int, *,
                    prepend_bos: bool = True, heldout_fraction: float = 0.05, batch_docs: int = 512,
-                   rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[PackedSequence]:
+                   rank: int = 0, world_size: int = 1, start: int = 0, stop: int | None = None,
+                   share: TokenShare | None = None) -> Iterator[PackedSequence]:
     """Documents → fixed-length sequences, in a global order that every rank and every resume agrees on.
 
     Each document's tokens are followed by EOS; train and held-out documents form two streams packed
     separately (no sequence mixes them). A sequence is `[BOS] + context-1 tokens` (or `context`
     tokens without BOS). The trailing partial sequence of each stream is dropped. Only sequences with
-    `index >= start` and `index % world_size == rank` are yielded.
+    `start <= index < stop` and `index % world_size == rank` are yielded; no document past the one
+    that completes sequence `stop - 1` is read. `share` splits the tokenisation across ranks.
     """
     if not isinstance(context, int) or context < 2:
         raise UserError(f"context {context!r} is too small; use an integer >= 2 (e.g. 128)")
@@ -308,8 +346,10 @@ def pack_sequences(docs: "datasets.Dataset | Sequence[str]", tokenizer: Any, con
     sizes = {False: 0, True: 0}
     index = 0
     doc_index = 0
-    for texts in _text_batches(docs, batch_docs):
-        for ids in _tokenize(tokenizer, texts):
+    if stop is not None and stop <= 0:
+        return
+    for batch_ids in _token_batches(docs, tokenizer, batch_docs, share):
+        for ids in batch_ids:
             held = is_heldout(doc_index, heldout_fraction)
             doc_index += 1
             arr = np.asarray(ids if eos is None else [*ids, eos], dtype=np.int32)
@@ -325,9 +365,13 @@ def pack_sequences(docs: "datasets.Dataset | Sequence[str]", tokenizer: Any, con
                     tokens = np.concatenate([np.array([bos], dtype=np.int32), chunk]) if prepend_bos else chunk.copy()
                     yield PackedSequence(index, tokens, held)
                 index += 1
+                if stop is not None and index >= stop:
+                    break
             rest = buf[n_full * body:].copy()
             streams[held] = [rest]
             sizes[held] = len(rest)
+            if stop is not None and index >= stop:  # every rank stops in the same round: no collective left
+                return
 
 
 def estimate_tokens(docs: "datasets.Dataset | Sequence[str]", tokenizer: Any, sample_docs: int = 200) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from collect.corpus import TokenShare
 from saeforge.dist import RankEnv, rank_device, rank_env
 from saeforge.errors import UserError
 
@@ -87,3 +88,18 @@ def init_from_env(device: str = "cpu") -> DistContext:
 def rank_share(n_items: int, rank: int, world_size: int) -> int:
     """How many of items 0..n_items-1 have index % world_size == rank (pack_sequences' slicing)."""
     return len(range(rank, n_items, world_size))
+
+
+def token_share(ctx: DistContext) -> TokenShare | None:
+    """Split tokenisation across the ranks of `ctx` (None for a single process): each rank tokenises
+    one document batch per round and an all_gather_object hands every rank all of them."""
+    if not ctx.active:
+        return None
+    import torch.distributed as dist
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return TokenShare(ctx.rank, ctx.world_size, gather)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.sparse_ops import SparseCodes, sparse_autoencode, topk_autoencode
+from sae.sparse_ops import SparseCodes, sparse_autoencode, sync_free, topk_autoencode
 
 
 @dataclass
@@ -273,8 +273,14 @@ def _aux_term(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Te
     """AuxK: the top aux_k dead latents reconstruct the residual (no b_dec), as a fraction of var."""
     if dead_mask is None or not sae.training:
         return None
-    n_dead = int(dead_mask.sum())
     aux_k = sae.cfg.aux_k or sae.cfg.d_in // 2
+    if sync_free(xc):
+        # no host sync (CUDA): AuxK always runs over the top min(aux_k, d_sae) masked latents and is
+        # weighted min(n_dead/aux_k, 1), so 0 when none is dead; otherwise as below
+        _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, min(aux_k, sae.cfg.d_sae), mask=dead_mask,
+                                      pre=pre)
+        return (dead_mask.sum() / aux_k).clamp(max=1.0) * layer_fvu(e_hat, residual.detach(), var)
+    n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return None
     e_hat = _aux_decode(sae, xc, pre, dead_mask, min(aux_k, n_dead))

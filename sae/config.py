@@ -70,6 +70,10 @@ class TrainConfig:
     init_enc_scale: float = option(0.577, "encoder rows start at this × their (unit-norm) decoder rows "
                                       "(0.577 = nn.Linear's row norm)")
     buffer_rows: int = option(1 << 17, "rows in the in-RAM shuffle buffer")
+    data_lanes: int = option(1, "independent chunk streams that make up each batch (sae/loader.py); under "
+                             "torchrun a multiple of the rank count lets each rank read only its share")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "SAE forward/backward compute dtype (autocast; weights and optimizer stay float32)")
     log_every: int = option(10, "steps between wandb metric logs")
     eval_every: int = option(200, "steps between held-out evaluations and latent-density histograms")
     eval_rows: int = option(8192, "held-out rows for evaluation")
@@ -100,6 +104,12 @@ class TrainConfig:
             raise UserError(f"--eval-ce-tokens {self.eval_ce_tokens} must be >= 0")
         if self.decay_fraction is not None and not 0 <= self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction {self.decay_fraction} must be in [0, 1]")
+        if self.data_lanes < 1 or self.batch_size % self.data_lanes:
+            raise UserError(f"--data-lanes {self.data_lanes} must be a positive divisor of --batch-size "
+                            f"{self.batch_size}")
+        if self.dtype == "float16" and set(self.arch) - set(TOPK_FAMILY):
+            raise UserError(f"--dtype float16 needs a loss scaler for --arch {','.join(self.arch)} (its backward "
+                            f"runs in float16); use --dtype bfloat16")
         self._validate_kind()
         check_device(self.device)
 

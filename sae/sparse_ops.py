@@ -1,4 +1,4 @@
-"""Sparse kernels for k-sparse codes on CPU (and any device).
+"""Sparse kernels for k-sparse codes on CPU and CUDA (torch ops only: embedding_bag, CSR matmuls).
 
 A dense TopK step costs ~12·d·n FLOP/token; only the encoder's forward matmul really needs the
 whole dictionary. Codes are kept as a flat CSR-like triple (cols, offsets, vals) so TopK (fixed k
@@ -8,6 +8,12 @@ per row) and BatchTopK (variable count per row) share one path:
 - encode + decode backward (`SparseAutoencode`): both weight gradients are (sparse)ᵀ·dense
   products with the same pattern, so one sort of the latent indices serves both as CSR matmuls
   (measured ~35% faster than two embedding_bag weight backwards, which each sort again).
+
+No host synchronisation on CUDA: every output size is known on the host (nnz, d_sae), so
+repeat_interleave gets its output_size, counts are index_adds rather than bincount (which reads
+the maximum back), and a masked choice (AuxK) ranks the masked pre-activations instead of
+gathering the mask's nonzero columns whenever `sync_free` holds (any non-CPU device; on CPU a
+sync is free and gathering the few dead columns is cheaper).
 """
 from __future__ import annotations
 
@@ -16,6 +22,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def sync_free(t: torch.Tensor) -> bool:
+    """Whether to take the host-sync-free variant of a data-dependent step for tensors on t's device."""
+    return t.device.type != "cpu"
+
+
+def _row_ids(offsets: torch.Tensor, nnz: int, n_rows: int) -> torch.Tensor:
+    counts = torch.diff(offsets, append=offsets.new_tensor([nnz]))
+    return torch.repeat_interleave(torch.arange(n_rows, device=offsets.device), counts, output_size=nnz)
 
 
 @dataclass
@@ -36,8 +52,7 @@ class SparseCodes:
 
     def row_ids(self) -> torch.Tensor:
         """Row index of every stored entry."""
-        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.cols.numel()]))
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.cols.device), counts)
+        return _row_ids(self.offsets, self.cols.numel(), self.n_rows)
 
     def dense(self) -> torch.Tensor:
         """Materialise as [B, d_sae] (for inference and tests, not the training hot path)."""
@@ -51,7 +66,8 @@ class SparseCodes:
 
     def fire_counts(self) -> torch.Tensor:
         """Int [d_sae]: in how many rows each latent is non-zero."""
-        return torch.bincount(self.cols[self.vals.detach() != 0], minlength=self.d_sae)
+        fired = (self.vals.detach() != 0).to(torch.int64)
+        return torch.zeros(self.d_sae, dtype=torch.int64, device=self.cols.device).index_add_(0, self.cols, fired)
 
 
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor) -> torch.Tensor:
@@ -62,11 +78,9 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor) -> torch.Tensor:
 def _csr_pattern(cols: torch.Tensor, offsets: torch.Tensor, n_rows: int, d_sae: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latent-major (CSR of the transpose) layout of the codes: (order, crow, row ids in that order)."""
-    counts = torch.diff(offsets, append=offsets.new_tensor([cols.numel()]))
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), counts)
+    rows = _row_ids(offsets, cols.numel(), n_rows)
     sorted_cols, order = cols.sort()
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=cols.device)
-    crow[1:] = torch.bincount(sorted_cols, minlength=d_sae).cumsum(0)
+    crow = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, device=cols.device, dtype=sorted_cols.dtype))
     return order, crow, rows[order]
 
 
@@ -128,7 +142,8 @@ def sparse_autoencode(xc: torch.Tensor, enc: torch.Tensor, b_enc: torch.Tensor, 
                       cols: torch.Tensor, offsets: torch.Tensor, gathered: torch.Tensor, n_rows: int
                       ) -> tuple[SparseCodes, torch.Tensor]:
     """(codes, Σ vals·W_dec rows) for the chosen positions; differentiable in xc, enc, b_enc, W_dec."""
-    vals, recon = SparseAutoencode.apply(xc, enc, b_enc, W_dec, cols, offsets, gathered)
+    # under autocast the dense pre-activations (hence `gathered`) are bf16/fp16; the sparse part stays fp32
+    vals, recon = SparseAutoencode.apply(xc, enc, b_enc, W_dec, cols, offsets, gathered.to(W_dec.dtype))
     return SparseCodes(cols, offsets, vals, n_rows, enc.shape[0]), recon
 
 
@@ -146,6 +161,8 @@ def topk_autoencode(xc: torch.Tensor, enc: torch.Tensor, b_enc: torch.Tensor, W_
     with torch.no_grad():
         if mask is None:
             gathered, idx = pre.topk(k, dim=1, sorted=False)
+        elif sync_free(pre):  # rank the masked pre-activations: unmasked picks get -inf, i.e. value 0
+            gathered, idx = pre.masked_fill(~mask, float("-inf")).topk(k, dim=1, sorted=False)
         else:  # choose among the masked columns only
             cand = mask.nonzero().squeeze(1)
             gathered, sub = pre.index_select(1, cand).topk(k, dim=1, sorted=False)

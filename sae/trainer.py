@@ -35,6 +35,7 @@ from sae.optim import SCHEDULE_FREE, TrainOptimizer
 from sae.schedule import lr_at, warmup_steps_for
 from sae.wandb_log import RunLogger
 from saeforge.config import config_dict
+from saeforge.devices import torch_device
 from saeforge.errors import UserError
 from saeforge.progress import progress
 from saeforge.locks import exclusive
@@ -69,13 +70,14 @@ class Trainer:
         self.on_step = on_step
         self.stop_requested = False
         check_output_dir(cfg.out)  # a file or unwritable --out fails now, not after training
+        torch_device(cfg.device)  # --device cuda without CUDA: one line, before any process group or file
         self.dist, device = ddp.setup(cfg.device)  # WORLD_SIZE > 1 under torchrun: data parallel
         if self.dist.enabled and cfg.batch_size % self.dist.world:
             raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks "
                             f"({self.dist.world})")
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
+        # autocast of the SAE forward (the dense encoder matmul; sparse parts and weights stay float32)
+        self.autocast_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         # Adam moments and small latents underflow to subnormals, which slow CPU kernels ~10×
@@ -177,9 +179,10 @@ class Trainer:
 
     def _resume(self) -> None:
         ck = load_checkpoint(self.out)
-        changed = config_changes(ck["config"], config_dict(self.cfg), RESUMABLE_CHANGES)
+        old = {**config_dict(TrainConfig()), **ck["config"]}  # fields newer than the checkpoint: their defaults
+        changed = config_changes(old, config_dict(self.cfg), RESUMABLE_CHANGES)
         if changed:
-            diffs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config_dict(self.cfg).get(k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config_dict(self.cfg).get(k)!r}" for k in changed)
             raise UserError(f"--resume with a changed config ({diffs}); rerun with the original settings or "
                             f"start a new run in another --out")
         self.step, self.position, self.scale = ck["step"], ck["position"], ck["scale"]
@@ -221,7 +224,9 @@ class Trainer:
         for m in self.members:
             sae = m.sae
             dead = m.since_fired >= cfg.dead_after
-            out = sae(x, dead_mask=dead, target=y, var=var)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                out = sae(x, dead_mask=dead, target=y, var=var)
             if self.dist.enabled:
                 fire, last = self._ddp_backward(m, out)
             else:
@@ -236,7 +241,7 @@ class Trainer:
             sae.normalize_decoder()
             fired = fire > 0
             m.since_fired += x.shape[0] * self.dist.world
-            m.since_fired[fired] = 0
+            m.since_fired.masked_fill_(fired, 0)  # no host sync (a boolean index would read the count back)
             m.window_counts += fire
             m.last = {"loss": out.loss.detach(), "l0": out.l0, "lr": lr, "dead": dead.float().mean(),
                       **{k: v for k, v in out.terms.items()}} if last is None else {**last, "lr": lr,
@@ -294,7 +299,13 @@ class Trainer:
                         "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
                         cfg.store)
         loader = ShuffledLoader(self.store, self.data_hooks, cfg.batch_size, seed=cfg.data_seed, position=self.position,
-                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world)
+                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world,
+                                lanes=cfg.data_lanes, pin_memory=self.device.type == "cuda")
+        if self.dist.enabled and not loader.local and self.dist.is_main:
+            log.warning("--data-lanes %d is not a multiple of the %d ranks: every rank reads every batch whole and "
+                        "keeps its slice; pass --data-lanes %d so each rank reads only its share", cfg.data_lanes,
+                        self.dist.world, self.dist.world)
+        self.loader = loader
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
                            "model": self.store.model_spec, "model_hash": self.store.model_hash},

@@ -69,3 +69,27 @@ def test_help_shows_defaults_and_choices(capsys):
     out = capsys.readouterr().out
     assert "{add,ablate}" in out and "(default: add)" in out and "(default: topk)" in out and "(default: 32)" in out
     assert "SAE" in out.split("\n")[0]
+
+
+def test_every_shipped_run_config_parses_with_the_real_config_classes():
+    """configs/*.toml: each [collect] and [train] section builds and validates CollectConfig /
+    TrainConfig (unknown keys, bad types and bad choices are errors), and the GPU configs ask for
+    CUDA, bf16 and 65k-latent TopK SAEs with a lane count that splits over 8 ranks."""
+    from pathlib import Path
+
+    from collect.collector import CollectConfig
+    from sae.config import TrainConfig, sweep_members
+    from saeforge.config import build_config, load_toml_section
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(configs) >= 3
+    d_model = {"llama-3.2-1b-gpu": 2048, "gemma-2-2b-gpu": 2304}
+    for path in configs:
+        c = build_config(CollectConfig, load_toml_section(path, "collect"), {})
+        t = build_config(TrainConfig, load_toml_section(path, "train"), {})
+        assert t.store == c.out and t.hook in c.hooks, path
+        if path.stem in d_model:
+            assert c.device == t.device == "cuda" and t.dtype == c.model_dtype == "bfloat16", path
+            (member,) = sweep_members(t, d_model[path.stem])
+            assert 64_000 <= member.arch.d_sae <= 65_536 and member.arch.k == 64, path
+            assert t.data_lanes % 8 == 0 and t.batch_size % t.data_lanes == 0, path
+    assert set(d_model) <= {p.stem for p in configs}

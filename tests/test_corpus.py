@@ -287,3 +287,53 @@ def test_estimate_tokens_is_close(tok, small_docs):
     assert abs(est - true) / true < 0.15
     assert estimate_tokens(small_docs.select(range(30)), tok) == len(stream(tok, texts(small_docs.select(range(30)))))
     assert estimate_tokens(texts(small_docs), tok, sample_docs=100) == est  # plain lists work the same
+
+
+# ---------------------------------------------------------------- tokenisation shared by ranks
+
+def _share_worker(rank, port, tokenizer, docs, out_dir, stop):
+    import os
+    import pickle
+
+    import torch.distributed as dist
+
+    from collect.corpus import TokenShare
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def gather(obj):
+        out = [None, None]
+        dist.all_gather_object(out, obj)
+        return out
+
+    share = TokenShare(rank, 2, gather)
+    seqs = [(s.index, s.tokens.tolist(), s.heldout) for s in
+            pack_sequences(docs, tokenizer, 128, batch_docs=60, rank=rank, world_size=2, stop=stop, share=share)]
+    with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+        pickle.dump((seqs, share.docs_tokenized, share.docs_seen), f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stop", [None, 201])
+def test_two_ranks_tokenise_half_each_and_pack_the_same_sequences(tok, small_docs, tmp_path, stop):
+    """With a TokenShare over 2 gloo ranks each rank tokenises half the document batches, yet yields
+    exactly the sequences pack_sequences gives that rank when it tokenises everything itself."""
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+    docs = texts(small_docs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_share_worker, args=(port, tok, docs, str(tmp_path), stop), nprocs=2, join=True)
+    for r in (0, 1):
+        seqs, mine, seen = pickle.load(open(tmp_path / f"rank{r}.pkl", "rb"))
+        ref = [(s.index, s.tokens.tolist(), s.heldout) for s in
+               pack_sequences(docs, tok, 128, batch_docs=60, rank=r, world_size=2, stop=stop)]
+        assert seqs == ref and len(ref) > 50
+        if stop is not None:
+            assert ref[-1][0] == stop - 1 - (stop - 1 - r) % 2
+        assert 0.4 * seen <= mine <= 0.6 * seen, (r, mine, seen)  # 17 batches of 60: rank 0 gets 9
+        # the whole corpus is walked (its last round holds one batch); with stop, no more than needed
+        assert seen == len(docs) if stop is None else 0 < seen < len(docs) / 2
