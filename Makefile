@@ -36,9 +36,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
-# ruff: pyflakes and syntax errors over the whole tree
+# ruff: pyflakes and syntax errors over the whole tree; mypy: the packages' types (pyproject [tool.mypy])
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/collect.py

@@ -130,6 +130,11 @@ class SAE(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, device=device))  # [d_out, d_in]
 
     @property
+    def _threshold(self) -> torch.Tensor:
+        """The saved inference threshold buffer (JumpReLU/BatchTopK), typed."""
+        return typing.cast(torch.Tensor, self.threshold)
+
+    @property
     def W_enc(self) -> torch.Tensor:
         """[d_in, d_sae] view (the file format's layout)."""
         return self.enc.t()
@@ -193,7 +198,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -218,22 +223,22 @@ class SAE(nn.Module):
         cfg = self.cfg
         if cfg.n_layers > 1:
             col = torch.tensor(s_in, dtype=self.enc.dtype, device=self.enc.device).repeat_interleave(cfg.d_in)
-            self.enc *= col
-            self.W_dec /= col
-            self.b_dec /= col
+            self.enc.mul_(col)
+            self.W_dec.div_(col)
+            self.b_dec.div_(col)
             return
         sx, sy = float(s_in[0]), float(s_out[0])
         if cfg.transcoder:
             b_in = typing.cast(torch.Tensor, self.b_in)
-            self.b_enc -= self.enc @ b_in
+            self.b_enc.sub_(self.enc @ b_in)
             b_in.zero_()
-            self.enc *= sx / sy
+            self.enc.mul_(sx / sy)
             if cfg.skip:
-                self.W_skip *= sx / sy
-        self.b_enc /= sy
-        self.b_dec /= sy
+                self.W_skip.mul_(sx / sy)
+        self.b_enc.div_(sy)
+        self.b_dec.div_(sy)
         if self.has_threshold:
-            self.threshold /= sy
+            self._threshold.div_(sy)
         self._fold_extra(sy)
 
     def _fold_extra(self, scale: float) -> None:
@@ -341,7 +346,7 @@ class BatchTopKSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         xf, lead = _flat(x)
         pre = F.relu(self.pre_acts(xf))
-        return (pre * (pre > self.threshold)).reshape(*lead, -1)
+        return (pre * (pre > self._threshold)).reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 var: torch.Tensor | None = None) -> SAEOutput:
@@ -367,15 +372,15 @@ class BatchTopKSAE(SAE):
             sel = flat[fidx] > 0
             fidx = fidx[sel]
         else:
-            fidx = ((pre > self.threshold) & (pre > 0)).reshape(-1).nonzero().squeeze(1)
+            fidx = ((pre > self._threshold) & (pre > 0)).reshape(-1).nonzero().squeeze(1)
         rows, cols = fidx // n, fidx % n
         gathered = pre.reshape(-1)[fidx]
         if self.training and gathered.numel():
             m = self.cfg.threshold_momentum
             lo = gathered.min()
-            cur = self.threshold[0]
+            cur = self._threshold[0]
             new = lo if float(cur) == 0.0 else m * cur + (1 - m) * lo
-            self.threshold.fill_(float(new))
+            self._threshold.fill_(float(new))
         return rows, cols, gathered, pre
 
 
@@ -528,7 +533,7 @@ class JumpReLUSAE(SAE):
                          active.sum(1).float().mean(), active.sum(0), f)
 
     def _fold_extra(self, scale: float) -> None:
-        self.log_threshold -= math.log(scale)
+        self.log_threshold.sub_(math.log(scale))
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {c.name: c for c in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, MatryoshkaSAE,

@@ -52,7 +52,7 @@ class Member:
     opt: TrainOptimizer
     since_fired: torch.Tensor  # int64 [d_sae]: tokens since each latent last fired
     window_counts: torch.Tensor  # int64 [d_sae]: fires since the last density histogram
-    last: dict[str, float] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)  # detached tensors: read (synced) at log steps only
 
 
 @dataclass
@@ -274,7 +274,7 @@ class Trainer:
         vals = [out.loss.detach(), out.l0.float()] + [out.terms[k].float() for k in names]
         counts, avg = ddp.reduce_step(list(sae.parameters()), out.fire_counts, torch.stack(vals), self.dist.world)
         if sae.has_threshold:  # batchtopk's EMA threshold: what a global selection's minimum would give
-            ddp.all_min_(sae.threshold)
+            ddp.all_min_(sae._threshold)
         return counts, {"loss": avg[0], "l0": avg[1], **{k: avg[2 + i] for i, k in enumerate(names)}}
 
     def run(self) -> TrainResult:
@@ -464,7 +464,7 @@ class Trainer:
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        old = {}
+        old: dict[int, Any] = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, self.request_stop)
         return old
