@@ -230,8 +230,8 @@ def test_transcoder_splice_matches_direct_computation(real, smollm2, monkeypatch
     sae_dir = dirs["transcoder"][0]
     monkeypatch.setattr(ev, "load_store_model", lambda st, device="cpu": smollm2)
     out = tmp_path / "e.json"
-    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--tokens", "0", "--ce-tokens", "64",
-                     "--quiet", "--wandb", "disabled", "--out", str(out)]) == 0
+    assert dispatch(["eval", str(sae_dir), "--store", store.path, "--tokens", "0", "--ce-tokens", "64", "--bootstrap",
+                     "0", "--quiet", "--wandb", "disabled", "--out", str(out)]) == 0  # 9 held-out sequences: no intervals
     m = json.loads(out.read_text())["metrics"]
     assert m["ce_spliced_hook_points"] == [R_OUT] and m["target_hook_point"] == R_OUT
     assert m["kl_div_sae"] < m["kl_div_zero"] and m["ce_loss_sae"] < m["ce_loss_zero"]
