@@ -50,7 +50,7 @@ def test_train_to_memory_url_equals_local(store, tmp_path):
     from saeforge.cli import dispatch
     fs.rm_file("/saeforge-test/sae/eval.json")
     assert dispatch(["eval", "memory://saeforge-test/sae", "--store", store.path, "--ce-tokens", "0",
-                     "--wandb", "disabled", "--quiet"]) == 0
+                     "--bootstrap", "0", "--wandb", "disabled", "--quiet"]) == 0  # 16 held-out sequences
     assert json.loads(fs.cat_file("/saeforge-test/sae/eval.json"))["metrics"]["n_rows"] > 0
     fs.rm("/saeforge-test", recursive=True)
 
