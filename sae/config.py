@@ -72,6 +72,8 @@ class TrainConfig:
     buffer_rows: int = option(1 << 17, "rows in the in-RAM shuffle buffer")
     data_lanes: int = option(1, "independent chunk streams that make up each batch (sae/loader.py); under "
                              "torchrun a multiple of the rank count lets each rank read only its share")
+    shard_latents: int = option(1, "split each SAE's latents across this many ranks (torchrun; --arch topk): "
+                                   "ranks = data-parallel ranks × this, see sae/sharded.py")
     dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "SAE forward/backward compute dtype (autocast; weights and optimizer stay float32)")
     log_every: int = option(10, "steps between wandb metric logs")
@@ -111,7 +113,22 @@ class TrainConfig:
             raise UserError(f"--dtype float16 needs a loss scaler for --arch {','.join(self.arch)} (its backward "
                             f"runs in float16); use --dtype bfloat16")
         self._validate_kind()
+        self._validate_sharding()
         check_device(self.device)
+
+    def _validate_sharding(self) -> None:
+        """What --shard-latents can split (the rank count is checked when the process group exists)."""
+        n = self.shard_latents
+        if n < 1:
+            raise UserError(f"--shard-latents {n} must be a positive number of ranks (1: no sharding)")
+        if n == 1:
+            return
+        if set(self.arch) != {"topk"} or self.target or self.hooks:
+            raise UserError(f"--shard-latents splits TopK autoencoders (--arch topk, no --target or --hooks); "
+                            f"got --arch {','.join(self.arch)}" + (" with --target" if self.target else "")
+                            + (" with --hooks" if self.hooks else ""))
+        if self.dtype != "float32":
+            raise UserError("--shard-latents trains in float32; drop --dtype")
 
     def _validate_kind(self) -> None:
         """Which dictionary kind the hook flags ask for, and whether --arch fits it."""

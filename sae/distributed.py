@@ -14,11 +14,18 @@ averaged gradient is that of the single-process loss up to float rounding. Mean-
 (ReLU L1, JumpReLU L0) average exactly as they are. BatchTopK selects the top (B/N)·k activations
 of each rank's slice rather than of the global batch (its threshold EMA is kept identical by a MIN
 all_reduce), so it is the only architecture whose DDP run is not the single-process run.
+
+Latent sharding (`--shard-latents N`, sae/sharded.py): the W ranks form a 2-D device mesh of
+W/N data ranks × N shard ranks (rank r: data index r // N, shard index r % N). The N ranks of a
+shard group hold one SAE's latents between them and see the same rows; the W/N ranks of a data
+group hold the same shard and read different slices of the global batch, and everything above
+(variance, gradient average, fire counts) runs over the data group.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,26 +76,54 @@ def setup(device: str) -> tuple[DistInfo, str]:
     return info, device
 
 
-def global_sq_dev(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Σ‖x − x̄‖² over the global batch (x̄ its mean) from each rank's equal-sized slice x (float64)."""
+@dataclass(frozen=True)
+class LatentMesh:
+    """This rank's place in the data × shard mesh of a latent-sharded run (groups of torch.distributed)."""
+    data_index: int
+    data_world: int
+    shard_index: int
+    shards: int
+    data_group: Any  # ranks holding the same shard (gradients averaged here)
+    shard_group: Any  # ranks holding one SAE between them (the same rows)
+
+
+def latent_mesh(info: DistInfo, shards: int, device: str) -> LatentMesh:
+    """The 2-D device mesh (torch.distributed.device_mesh) of `shards` shard ranks per data rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if shards < 2:
+        return LatentMesh(info.rank, info.world, 0, 1, None, None)
+    if not info.enabled or info.world % shards:
+        raise UserError(f"--shard-latents {shards} needs a multiple of {shards} ranks under torchrun (this run has "
+                        f"{info.world}); start it with torchrun --nproc-per-node {shards} (or a multiple)")
+    mesh = init_device_mesh(torch.device(device).type, (info.world // shards, shards),
+                            mesh_dim_names=("data", "shard"))
+    return LatentMesh(info.rank // shards, info.world // shards, info.rank % shards, shards,
+                      mesh.get_group("data"), mesh.get_group("shard"))
+
+
+def global_sq_dev(x: torch.Tensor, world: int, group: Any = None) -> torch.Tensor:
+    """Σ‖x − x̄‖² over the global batch (x̄ its mean) from each rank's equal-sized slice x (float64);
+    `world` ranks in `group` (default: all)."""
     n, d = x.shape
     xd = x.detach().double()
     mean = xd.mean(0)
+    me = dist.get_rank(group)
     buf = torch.zeros(world, d + 1, dtype=torch.float64, device=x.device)
-    buf[dist.get_rank(), :d] = mean
-    buf[dist.get_rank(), d] = (xd - mean).pow(2).sum()
-    dist.all_reduce(buf)
+    buf[me, :d] = mean
+    buf[me, d] = (xd - mean).pow(2).sum()
+    dist.all_reduce(buf, group=group)
     means, m2 = buf[:, :d], buf[:, d]
     gmean = means.mean(0)  # equal slice sizes
     return m2.sum() + n * (means - gmean).pow(2).sum()
 
 
 def reduce_step(params: list[torch.nn.Parameter], fire_counts: torch.Tensor, metrics: torch.Tensor,
-                world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One all_reduce: grads averaged in place; returns (summed fire counts, averaged metrics)."""
+                world: int, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One all_reduce over the `world` ranks of `group` (default: all): grads averaged in place;
+    returns (summed fire counts, averaged metrics)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [fire_counts.float(), metrics.float()])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     at = 0
     for p, g in zip(params, grads):
         k = g.numel()
@@ -113,11 +148,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def broadcast_module(m: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers everywhere (initialisation is seeded anyway; this makes sure)."""
+def broadcast_module(m: torch.nn.Module, group: Any = None) -> None:
+    """The parameters and buffers of the first rank of `group` (default: all) on every rank of it
+    (initialisation is seeded anyway; this makes sure)."""
     with torch.no_grad():
         for t in list(m.parameters()) + list(m.buffers()):
-            dist.broadcast(t.data, 0)
+            dist.broadcast(t.data, group=group, group_src=0)
 
 
 def barrier() -> None:

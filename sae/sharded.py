@@ -14,8 +14,10 @@ its rows of W_dec; b_dec is replicated. Every rank sees the same batch. Per step
   so local; gradient clipping uses the global norm (one scalar all_reduce).
 
 AuxK (dead latents reconstructing the residual) uses the same global choice over the dead-masked
-pre-activations. Parameter and optimizer memory per rank are ~1/N of the whole SAE's. The
-`saeforge train` CLI does not use this module yet (no --shard-latents).
+pre-activations. Parameter and optimizer memory per rank are ~1/N of the whole SAE's.
+`saeforge train --shard-latents N` (sae/trainer.py) trains through this module; with more ranks than
+N the ranks form a 2-D mesh (data × shard, sae/distributed.py) and the gradients of each shard are
+also averaged over the data ranks that hold it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sae.architectures import SAE, ArchConfig, build_sae
+from sae.architectures import SAE, ArchConfig, SAEOutput, build_sae
 from sae.sparse_ops import sparse_autoencode
 from saeforge.errors import UserError
 
@@ -75,6 +77,8 @@ def global_topk(pre: torch.Tensor, k: int, offset: int, group: Any = None) -> tu
 class ShardedTopK(nn.Module):
     """This rank's shard of a TopK SAE (same parameter names as sae.architectures.TopKSAE)."""
 
+    has_threshold = False  # the trainer's interface of an SAE (sae.architectures.SAE)
+
     def __init__(self, cfg: ArchConfig, rank: int, world: int, group: Any = None):
         super().__init__()
         if cfg.arch != "topk":
@@ -114,32 +118,37 @@ class ShardedTopK(nn.Module):
         offsets = torch.arange(0, b * k, k, device=xc.device, dtype=torch.int64)
         codes, recon_local = sparse_autoencode(xc, self.enc, self.b_enc, self.W_dec, cols.reshape(-1), offsets,
                                                gathered.reshape(-1), b)
-        self._fired = codes.fire_counts()
+        self._codes, self._fired = codes, codes.fire_counts()
+        self._l0 = (top > 0).sum(1).float().mean()  # the whole SAE's (the same on every rank)
         return _SumPartials.apply(recon_local, self.group)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, loss, this rank's fire counts [n_local], AuxK term) of the whole SAE on x.
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                var: torch.Tensor | None = None) -> SAEOutput:
+        """The whole SAE's training forward on x, as TopKSAE.forward computes it (SAEOutput).
 
-        Loss = FVU + aux_coef·AuxK as TopKSAE computes it; `dead_mask` [n_local] marks this rank's
-        dead latents (AuxK: the global top aux_k dead latents reconstruct the residual, weighted
-        min(n_dead/aux_k, 1) with n_dead summed over the ranks)."""
+        Loss = FVU + aux_coef·AuxK; `dead_mask` [n_local] marks this rank's dead latents (AuxK: the
+        global top aux_k dead latents reconstruct the residual, weighted min(n_dead/aux_k, 1) with
+        n_dead summed over the ranks); `var` [1]: the FVU denominator (default: this batch's; data
+        parallelism passes the global batch's / data ranks). `fire_counts` and `latents` (sparse codes)
+        are this rank's: its [n_local] latents."""
+        if target is not None:
+            raise UserError("--shard-latents trains autoencoders only (no --target)")
         xc = x - _SumGrad.apply(self.b_dec, self.group)  # the encoder side of b_dec's gradient, summed
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.enc.t())
         recon = self._decode_choice(xc, pre, self.cfg.k) + self.b_dec
-        fired = self._fired
-        var = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-        loss = (recon - x).pow(2).sum() / var
-        aux = loss.new_zeros(())
+        codes, fired, l0 = self._codes, self._fired, self._l0  # of the main choice (AuxK's decoding below resets them)
+        v = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12) if var is None else var.reshape(())
+        fvu = (recon - x).pow(2).sum() / v
+        loss, aux = fvu, fvu.new_zeros(())
         if dead_mask is not None:
             aux_k = self.cfg.aux_k or self.cfg.d_in // 2
             n_dead = dead_mask.sum().to(torch.float32)
             dist.all_reduce(n_dead, group=self.group)
             e_hat = self._decode_choice(xc, pre.masked_fill(~dead_mask, float("-inf")), min(aux_k, self.cfg.d_sae))
-            aux = (n_dead / aux_k).clamp(max=1.0) * (e_hat - (x - recon).detach()).pow(2).sum() / var
+            aux = (n_dead / aux_k).clamp(max=1.0) * (e_hat - (x - recon).detach()).pow(2).sum() / v
             loss = loss + self.cfg.aux_coef * aux
-        return recon, loss, fired, aux.detach()
+        return SAEOutput(recon, loss, {"fvu": fvu.detach(), "aux": aux.detach()}, l0, fired, codes)
 
     # ---- the rest of a training step -----------------------------------------------------------
     @torch.no_grad()
@@ -168,14 +177,18 @@ class ShardedTopK(nn.Module):
         return total
 
     @torch.no_grad()
+    def gather_latents(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-latent tensor [n_local] of every rank, in latent order [d_sae] (on every rank)."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, 0)
+
+    @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
         """The whole SAE's state dict (gathered on every rank), for one ordinary SAE directory."""
         out = {"b_dec": self.b_dec.detach().clone()}
         for name in ("enc", "b_enc", "W_dec"):
-            t = getattr(self, name).detach().contiguous()
-            parts = [torch.empty_like(t) for _ in range(self.world)]
-            dist.all_gather(parts, t, group=self.group)
-            out[name] = torch.cat(parts, 0)
+            out[name] = self.gather_latents(getattr(self, name).detach())
         return out
 
     def to_sae(self) -> SAE:

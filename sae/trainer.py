@@ -5,6 +5,11 @@ projection, grad clip, the optimizer step (sae/optim.py) at the lr of its schedu
 renormalisation and dead-latent counters. Evaluation and saving use the weights the optimizer
 means for inference (the averaged ones for schedule-free optimizers). Checkpoints every N tokens and on SIGINT/SIGTERM hold everything needed
 for `--resume` to end with the same weights as an uninterrupted run.
+
+Under torchrun the ranks train data-parallel (sae/distributed.py); with `--shard-latents N` each SAE's
+latents are split across N ranks (sae/sharded.py) and the rest of the ranks are data-parallel over
+those shards (a 2-D mesh). A sharded run checkpoints one file per shard (checkpoint.pt names the step
+every shard file belongs to) and saves one ordinary SAE directory, gathered from the shards.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +30,16 @@ import torch
 from collect.store import Store
 from sae import distributed as ddp
 from sae.architectures import SAE, TOPK_FAMILY, build_sae
-from sae.checkpoint import checkpoint_exists, config_changes, load_checkpoint, remove_checkpoint, save_checkpoint
+from sae.checkpoint import (
+    checkpoint_exists,
+    config_changes,
+    load_checkpoint,
+    load_shard_checkpoint,
+    remove_checkpoint,
+    remove_shard_checkpoints,
+    save_checkpoint,
+    save_shard_checkpoint,
+)
 from sae.config import RESUMABLE_CHANGES, SweepMember, TrainConfig, sweep_members
 from sae.evaluate import evaluate_rows
 from sae.init import geometric_median, unit_norm_scale
@@ -33,6 +47,7 @@ from sae.io import save_sae
 from sae.loader import ShuffledLoader, check_widths, heldout_rows, sample_rows
 from sae.optim import SCHEDULE_FREE, TrainOptimizer
 from sae.schedule import lr_at, warmup_steps_for
+from sae.sharded import ShardedTopK
 from sae.wandb_log import RunLogger
 from saeforge.config import config_dict
 from saeforge.devices import torch_device
@@ -48,10 +63,10 @@ log = logging.getLogger(__name__)
 class Member:
     """One SAE being trained, with its optimizer and dead-latent counter."""
     spec: SweepMember
-    sae: SAE
+    sae: SAE | ShardedTopK  # a ShardedTopK holds this rank's latents of one SAE (--shard-latents)
     opt: TrainOptimizer
-    since_fired: torch.Tensor  # int64 [d_sae]: tokens since each latent last fired
-    window_counts: torch.Tensor  # int64 [d_sae]: fires since the last density histogram
+    since_fired: torch.Tensor  # int64 [d_sae] (this rank's latents if sharded): tokens since each last fired
+    window_counts: torch.Tensor  # int64 [d_sae] (idem): fires since the last density histogram
     last: dict[str, Any] = field(default_factory=dict)  # detached tensors: read (synced) at log steps only
 
 
@@ -72,9 +87,10 @@ class Trainer:
         check_output_dir(cfg.out)  # a file or unwritable --out fails now, not after training
         torch_device(cfg.device)  # --device cuda without CUDA: one line, before any process group or file
         self.dist, device = ddp.setup(cfg.device)  # WORLD_SIZE > 1 under torchrun: data parallel
-        if self.dist.enabled and cfg.batch_size % self.dist.world:
-            raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks "
-                            f"({self.dist.world})")
+        self.mesh = ddp.latent_mesh(self.dist, cfg.shard_latents, device)  # data × shard ranks
+        if self.mesh.data_world > 1 and cfg.batch_size % self.mesh.data_world:
+            raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of data-parallel ranks "
+                            f"({self.mesh.data_world})")
         self.device = torch.device(device)
         # autocast of the SAE forward (the dense encoder matmul; sparse parts and weights stay float32)
         self.autocast_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
@@ -106,6 +122,10 @@ class Trainer:
                 raise UserError(f"--k {spec.arch.k} is larger than the dictionary ({spec.arch.d_sae} latents at "
                                 f"--expansion {spec.arch.d_sae // self.d_in}); use a smaller --k or a larger "
                                 f"--expansion")
+            if spec.arch.d_sae % self.mesh.shards:
+                raise UserError(f"--shard-latents {self.mesh.shards} does not divide the dictionary "
+                                f"({spec.arch.d_sae} latents at --expansion {spec.arch.d_sae // self.d_in}); choose "
+                                f"a shard count that divides d_sae")
         self.out: Path | str = cfg.out if is_url(cfg.out) else Path(cfg.out)  # URLs stay strings
         self.step = 0
         self.position = 0
@@ -138,13 +158,14 @@ class Trainer:
         b_in = centre(x_sample) if y_sample is not None else None
         for spec in self.specs:
             gen = torch.Generator().manual_seed(spec.init_seed)
-            sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device=self.device).train()
+            sharded = self.mesh.shards > 1  # every rank builds the whole SAE on the CPU and keeps its slice
+            sae = build_sae(spec.arch, b_dec=b_dec, generator=gen, device="cpu" if sharded else self.device).train()
             if cfg.init_enc_scale != 1.0:
                 with torch.no_grad():
                     sae.enc.mul_(cfg.init_enc_scale)
             if b_in is not None:
                 sae.centre_input(b_in.to(self.device))
-            self.members.append(self._member(spec, sae))
+            self.members.append(self._member(spec, self._shard(sae) if sharded else sae))
         self._sync_members()
 
     def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
@@ -165,13 +186,18 @@ class Trainer:
             return rows, None
         return rows[:, :-self.d_in], rows[:, -self.d_in:]
 
-    def _sync_members(self) -> None:
-        if self.dist.enabled:
-            for m in self.members:
-                ddp.broadcast_module(m.sae)
+    def _shard(self, sae: SAE) -> ShardedTopK:
+        """This rank's latents of a whole SAE, on the training device."""
+        return ShardedTopK.from_full(sae, self.mesh.shard_index, self.mesh.shards, self.mesh.shard_group
+                                     ).to(self.device).train()
 
-    def _member(self, spec: SweepMember, sae: SAE) -> Member:
-        n = spec.arch.d_sae
+    def _sync_members(self) -> None:
+        if self.mesh.data_world > 1:  # the same shard on every data rank (all ranks when unsharded)
+            for m in self.members:
+                ddp.broadcast_module(m.sae, self.mesh.data_group)
+
+    def _member(self, spec: SweepMember, sae: SAE | ShardedTopK) -> Member:
+        n = spec.arch.d_sae // self.mesh.shards
         z = lambda: torch.zeros(n, dtype=torch.int64, device=self.device)  # noqa: E731
         opt = TrainOptimizer(spec.optimizer, list(sae.named_parameters()), spec.lr, momentum=self.cfg.momentum,
                              bias_lr_scale=self.cfg.bias_lr_scale)
@@ -185,11 +211,21 @@ class Trainer:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config_dict(self.cfg).get(k)!r}" for k in changed)
             raise UserError(f"--resume with a changed config ({diffs}); rerun with the original settings or "
                             f"start a new run in another --out")
+        shards, world = int(ck.get("shards", 1)), int(ck.get("world", 1))
+        if shards > 1 and world != self.dist.world:
+            raise UserError(f"--resume: {str(self.out)!r} was trained latent-sharded over {world} ranks "
+                            f"({shards} shards); resume it with the same rank count (torchrun ... WORLD_SIZE={world}),"
+                            f" not {self.dist.world}")
+        if self.mesh.shard_index > 0:  # this rank's latents are in its shard's file of the same step
+            ck = {**ck, "members": load_shard_checkpoint(self.out, self.mesh.shard_index, ck["step"])["members"]}
         self.step, self.position, self.scale = ck["step"], ck["position"], ck["scale"]
         self.scales = list(ck.get("scales", [self.scale]))
         self.wandb_id, self.elapsed = ck.get("wandb_id"), ck.get("elapsed", 0.0)
         for spec, st in zip(self.specs, ck["members"]):
-            sae = build_sae(spec.arch, device=self.device).train()
+            sae: SAE | ShardedTopK = build_sae(spec.arch, device=self.device).train()
+            if self.mesh.shards > 1:
+                sae = ShardedTopK(spec.arch, self.mesh.shard_index, self.mesh.shards, self.mesh.shard_group
+                                  ).to(self.device).train()
             sae.load_state_dict(st["sae"])
             m = self._member(spec, sae)
             m.opt.load_state_dict(st["opt"])
@@ -201,53 +237,70 @@ class Trainer:
         log.info("resumed %s at step %d (%d tokens)", self.out, self.step, self.step * self.cfg.batch_size)
 
     def checkpoint(self) -> Path | str:
-        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+        """Write the checkpoint: rank 0 (data-parallel ranks hold the same state), or with --shard-latents
+        the ranks of the first data group, one file per shard; checkpoint.pt is written last and names
+        the step, so a crash between the files leaves the previous complete set in use."""
+        if self.mesh.data_index != 0:
             return join(self.out, "checkpoint.pt")
         state = {"version": 1, "config": config_dict(self.cfg), "step": self.step, "position": self.position,
                  "scale": self.scale, "scales": self.scales, "wandb_id": self.wandb_id, "elapsed": self.elapsed,
-                 "rng": torch.get_rng_state(),
+                 "rng": torch.get_rng_state(), "world": self.dist.world, "shards": self.mesh.shards,
                  "members": [{"name": m.spec.name, "sae": m.sae.state_dict(), "opt": m.opt.state_dict(),
                               "since_fired": m.since_fired.cpu(), "window_counts": m.window_counts.cpu()}
                              for m in self.members]}
-        return save_checkpoint(self.out, state)
+        if self.mesh.shards == 1:
+            return save_checkpoint(self.out, state)
+        import torch.distributed as dist
+        s = self.mesh.shard_index
+        if s > 0:
+            save_shard_checkpoint(self.out, s, self.step, state)
+        dist.barrier(group=self.mesh.shard_group)  # every shard's file exists before checkpoint.pt names it
+        path = save_checkpoint(self.out, state) if s == 0 else join(self.out, "checkpoint.pt")
+        dist.barrier(group=self.mesh.shard_group)
+        if s > 0:
+            remove_shard_checkpoints(self.out, s, keep_step=self.step)
+        return path
 
     # ---- the loop --------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """One step of every member on inputs x (and a transcoder's targets y)."""
         cfg = self.cfg
         var = None
-        if self.dist.enabled:  # FVU denominators of the global batch, shared out: rank losses sum to the global one
+        dw = self.mesh.data_world
+        if dw > 1:  # FVU denominators of the global batch, shared out: rank losses sum to the global one
             t = x if y is None else y
             d = t.shape[1] // self.n_out_layers
-            var = torch.stack([ddp.global_sq_dev(t[:, j * d:(j + 1) * d], self.dist.world).clamp_min(1e-12)
-                               for j in range(self.n_out_layers)]).float() / self.dist.world
+            var = torch.stack([ddp.global_sq_dev(t[:, j * d:(j + 1) * d], dw, self.mesh.data_group).clamp_min(1e-12)
+                               for j in range(self.n_out_layers)]).float() / dw
         for m in self.members:
             sae = m.sae
             dead = m.since_fired >= cfg.dead_after
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                 enabled=self.autocast_dtype is not None):
                 out = sae(x, dead_mask=dead, target=y, var=var)
-            if self.dist.enabled:
+            if dw > 1:
                 fire, last = self._ddp_backward(m, out)
             else:
                 out.loss.backward()
                 fire, last = out.fire_counts, None
             sae.project_decoder_grad()
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and isinstance(sae, ShardedTopK):
+                sae.clip_grad_norm_(cfg.grad_clip)  # the whole SAE's norm over the shards
+            elif cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             lr = self.lr(m)
             m.opt.set_lr(lr)
             m.opt.step()
             sae.normalize_decoder()
             fired = fire > 0
-            m.since_fired += x.shape[0] * self.dist.world
+            m.since_fired += x.shape[0] * dw
             m.since_fired.masked_fill_(fired, 0)  # no host sync (a boolean index would read the count back)
             m.window_counts += fire
             m.last = {"loss": out.loss.detach(), "l0": out.l0, "lr": lr, "dead": dead.float().mean(),
                       **{k: v for k, v in out.terms.items()}} if last is None else {**last, "lr": lr,
                                                                                    "dead": dead.float().mean()}
         self.step += 1
-        self.position += x.shape[0] * self.dist.world
+        self.position += x.shape[0] * dw
 
     def lr(self, m: Member) -> float:
         """This step's lr: warm-up, constant, decay (schedule-free: by default neither warm-up nor decay)."""
@@ -272,8 +325,9 @@ class Trainer:
         out.loss.backward()
         names = sorted(out.terms)
         vals = [out.loss.detach(), out.l0.float()] + [out.terms[k].float() for k in names]
-        counts, avg = ddp.reduce_step(list(sae.parameters()), out.fire_counts, torch.stack(vals), self.dist.world)
-        if sae.has_threshold:  # batchtopk's EMA threshold: what a global selection's minimum would give
+        counts, avg = ddp.reduce_step(list(sae.parameters()), out.fire_counts, torch.stack(vals), self.mesh.data_world,
+                                      self.mesh.data_group)
+        if isinstance(sae, SAE) and sae.has_threshold:  # batchtopk's EMA threshold: what a global selection's minimum would give
             ddp.all_min_(sae._threshold)
         return counts, {"loss": avg[0], "l0": avg[1], **{k: avg[2 + i] for i, k in enumerate(names)}}
 
@@ -299,12 +353,12 @@ class Trainer:
                         "are skipped; evaluate with `saeforge eval OUT --split all` (rows the SAE trained on)",
                         cfg.store)
         loader = ShuffledLoader(self.store, self.data_hooks, cfg.batch_size, seed=cfg.data_seed, position=self.position,
-                                buffer_rows=cfg.buffer_rows, rank=self.dist.rank, world=self.dist.world,
+                                buffer_rows=cfg.buffer_rows, rank=self.mesh.data_index, world=self.mesh.data_world,
                                 lanes=cfg.data_lanes, pin_memory=self.device.type == "cuda")
-        if self.dist.enabled and not loader.local and self.dist.is_main:
-            log.warning("--data-lanes %d is not a multiple of the %d ranks: every rank reads every batch whole and "
-                        "keeps its slice; pass --data-lanes %d so each rank reads only its share", cfg.data_lanes,
-                        self.dist.world, self.dist.world)
+        if self.mesh.data_world > 1 and not loader.local and self.dist.is_main:
+            log.warning("--data-lanes %d is not a multiple of the %d data-parallel ranks: every rank reads every "
+                        "batch whole and keeps its slice; pass --data-lanes %d so each rank reads only its share",
+                        cfg.data_lanes, self.mesh.data_world, self.mesh.data_world)
         self.loader = loader
         logger = RunLogger(cfg.wandb if self.dist.is_main else "disabled", cfg.wandb_project, {**config_dict(cfg), "d_in": self.d_in,
                            "members": [asdict(m.spec) for m in self.members], "input_scale": self.scale,
@@ -364,9 +418,8 @@ class Trainer:
         # written whole, and the checkpoint goes only once they are
         try:
             final = self._evaluate(logger, heldout, final=True)
-            dirs: list[Path | str] = []
+            dirs = self._save(final, rate)  # every rank: a sharded SAE is gathered from its shards first
             if self.dist.is_main:
-                dirs = self._save(final, rate)
                 logger.summary({f"{n}/final/{k}": v for n, d in final.items() for k, v in d.items()})
                 if len(heldout) and not self.stop_requested:
                     logger.summary(self._full_eval(dirs))
@@ -374,6 +427,7 @@ class Trainer:
                     log.warning("stop requested after training: the SAEs are saved; the full evaluation was "
                                 "skipped (run `saeforge eval DIR` for eval.json)")
                 remove_checkpoint(self.out)
+                remove_shard_checkpoints(self.out)
             logger.finish()
         finally:
             self._restore_signals(handlers)
@@ -391,28 +445,44 @@ class Trainer:
         out: dict[str, float] = {"tokens": self.step * self.cfg.batch_size, "tokens_per_s": rate}
         for m in self.members:
             for k, v in m.last.items():
+                if k == "dead" and isinstance(m.sae, ShardedTopK):  # this rank's latents: the mean over shards
+                    v = m.sae.gather_latents(torch.as_tensor(v).reshape(1)).mean()
                 out[f"{m.spec.name}/{'dead_fraction' if k == 'dead' else k}"] = float(v)
         return out
+
+    def _latents(self, m: Member, t: torch.Tensor) -> torch.Tensor:
+        """A per-latent tensor of the whole SAE (gathered from the shards under --shard-latents)."""
+        return m.sae.gather_latents(t) if isinstance(m.sae, ShardedTopK) else t
+
+    @contextlib.contextmanager
+    def _inference(self, m: Member) -> Iterator[SAE | None]:
+        """The whole SAE with the weights the optimizer means for inference; a sharded one is gathered
+        on the ranks of the first data group (a collective there) and None elsewhere."""
+        with m.opt.inference_weights():
+            if not isinstance(m.sae, ShardedTopK):
+                yield m.sae
+            else:
+                yield m.sae.to_sae() if self.mesh.data_index == 0 else None
 
     def _evaluate(self, logger: RunLogger, heldout: torch.Tensor, final: bool = False) -> dict[str, dict[str, float]]:
         res: dict[str, dict[str, float]] = {}
         for m in self.members:
             d: dict[str, float] = {}
-            if len(heldout):
-                # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + the scales
-                n_in = len(self.cfg.input_hooks)
-                x, y = self._split(heldout / self._scale_columns(heldout))
-                with m.opt.inference_weights():
-                    r = evaluate_rows(m.sae, x, input_scale=self.scales[:n_in], target=y,
+            with self._inference(m) as sae:
+                if len(heldout) and sae is not None:
+                    # heldout is in the SAE's (scaled) units; evaluate_rows takes raw rows + the scales
+                    n_in = len(self.cfg.input_hooks)
+                    x, y = self._split(heldout / self._scale_columns(heldout))
+                    r = evaluate_rows(sae, x, input_scale=self.scales[:n_in], target=y,
                                       output_scale=self.scales[n_in:] or None)
-                d.update({f"heldout_{k}": v for k, v in flat_metrics(r).items()})
+                    d.update({f"heldout_{k}": v for k, v in flat_metrics(r).items()})
             d["train_fvu"] = float(m.last.get("fvu", math.nan))
             d["train_l0"] = float(m.last.get("l0", math.nan))
-            d["dead_fraction"] = float((m.since_fired >= self.cfg.dead_after).float().mean())
+            d["dead_fraction"] = float(self._latents(m, (m.since_fired >= self.cfg.dead_after).float()).mean())
             res[m.spec.name] = d
             logger.log({f"{m.spec.name}/{k}": v for k, v in d.items()}, step=self.step)
             window_tokens = max(int(self.cfg.eval_every) * self.cfg.batch_size, 1)
-            density = (m.window_counts.double().cpu().numpy() / window_tokens)
+            density = (self._latents(m, m.window_counts).double().cpu().numpy() / window_tokens)
             logger.histogram(f"{m.spec.name}/log10_latent_density", np.log10(density + 1e-10), step=self.step)
             m.window_counts.zero_()
         return res
@@ -433,28 +503,39 @@ class Trainer:
         return out
 
     def _save(self, final: dict[str, dict[str, float]], rate: float) -> list[Path | str]:
-        dirs = []
+        """Rank 0 writes each SAE directory (the others return []; under --shard-latents they take part in
+        gathering the SAE first)."""
+        dirs: list[Path | str] = []
         many = len(self.members) > 1
         for m in self.members:
-            d = join(self.out, m.spec.name) if many else self.out
-            ins = self.cfg.input_hooks
-            points: dict[str, Any] = {"hook_point": ins[0] if len(ins) == 1 else None, "hook_points": ins,
-                                      "output_hook_points": [self.cfg.target] if self.cfg.target else ins}
-            if self.cfg.target:
-                points["target_hook_point"] = self.cfg.target
-            meta = {**points, "model": self.store.model_spec, "model_hash": self.store.model_hash,
-                    "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
-                    "lr": m.spec.lr, "optimizer": m.spec.optimizer, "seed": m.spec.seed, "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
-                    "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
-                    "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(), "store_attrs": {k: self.store.attrs.get(k) for k in
-                                                                    ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
-                                                                     "prepend_bos", "hook_modules")}}
-            with m.opt.inference_weights():
-                n_in = len(ins)
-                dirs.append(save_sae(m.sae, d, scale=self.scale, meta=meta,
-                                     scales=(self.scales[:n_in], self.scales[n_in:] or self.scales[:n_in])))
-            log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
+            with self._inference(m) as sae:
+                if self.dist.is_main and sae is not None:
+                    dirs.append(self._save_one(m, sae, final, rate, many))
         return dirs
+
+    def _save_one(self, m: Member, sae: SAE, final: dict[str, dict[str, float]], rate: float,
+                  many: bool) -> Path | str:
+        """One SAE directory with its metadata (weights already the inference ones)."""
+        d = join(self.out, m.spec.name) if many else self.out
+        ins = self.cfg.input_hooks
+        points: dict[str, Any] = {"hook_point": ins[0] if len(ins) == 1 else None, "hook_points": ins,
+                                  "output_hook_points": [self.cfg.target] if self.cfg.target else ins}
+        if self.cfg.target:
+            points["target_hook_point"] = self.cfg.target
+        store_keys = ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
+                      "prepend_bos", "hook_modules")
+        meta = {**points, "model": self.store.model_spec, "model_hash": self.store.model_hash,
+                "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
+                "lr": m.spec.lr, "optimizer": m.spec.optimizer, "seed": m.spec.seed,
+                "final_metrics": {**final[m.spec.name], "tokens_per_s": rate},
+                "config": config_dict(self.cfg), "wandb_run_id": self.wandb_id,
+                "wandb_project": self.cfg.wandb_project, "wandb_dir": os.getcwd(),
+                "store_attrs": {k: self.store.attrs.get(k) for k in store_keys}}
+        n_in = len(ins)
+        path = save_sae(sae, d, scale=self.scale, meta=meta,
+                        scales=(self.scales[:n_in], self.scales[n_in:] or self.scales[:n_in]))
+        log.info("saved %s (held-out FVU %.4f)", d, final[m.spec.name].get("heldout_fvu", math.nan))
+        return path
 
     # ---- signals --------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:

@@ -69,7 +69,8 @@ def _worker(rank, port, path, out):
     losses = []
     since = torch.zeros(m.n_local, dtype=torch.int64)
     for x in _batches(path):
-        _, loss, fired, _ = m(x, dead_mask=since >= DEAD_AFTER)
+        res = m(x, dead_mask=since >= DEAD_AFTER)
+        loss, fired = res.loss, res.fire_counts
         loss.backward()
         m.project_decoder_grad()
         m.clip_grad_norm_(CLIP)
@@ -77,7 +78,7 @@ def _worker(rank, port, path, out):
         m.normalize_decoder()
         since += len(x)
         since.masked_fill_(fired > 0, 0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     full = m.full_state()
     if rank == 0:
         torch.save({"state": full, "bytes": _state_bytes(m.parameters(), opt), "losses": losses}, out)
