@@ -245,6 +245,12 @@ class SAE(nn.Module):
         pass
 
 
+def _starts(sorted_keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Offset of the first entry of each key 0..n-1 in ascending keys (bincount + cumsum without the
+    data-sized bincount, which synchronises a CUDA device)."""
+    return torch.searchsorted(sorted_keys, torch.arange(n, device=sorted_keys.device, dtype=sorted_keys.dtype))
+
+
 def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), x.shape[:-1]
 
@@ -353,8 +359,7 @@ class BatchTopKSAE(SAE):
         xc = self.centre(x)
         b = x.shape[0]
         rows, cols, gathered, pre = self._select(xc)
-        counts = torch.bincount(rows, minlength=b)
-        offsets = torch.cumsum(counts, 0) - counts
+        offsets = _starts(rows, b)
         codes, recon = sparse_autoencode(xc, self.enc, self.b_enc, self.W_dec, cols, offsets, gathered, b)
         return _with_aux(self, x, xc, _output(self, recon, x), codes, pre, dead_mask, target, var)
 
@@ -369,19 +374,24 @@ class BatchTopKSAE(SAE):
             flat = F.relu(pre).reshape(-1)
             _, fidx = flat.topk(min(b * self.cfg.k, flat.numel()), sorted=False)
             fidx = fidx.sort().values
-            sel = flat[fidx] > 0
-            fidx = fidx[sel]
+            if not sync_free(xc):  # drop the zeros (a data-sized boolean index: a host sync on CUDA, where
+                fidx = fidx[flat[fidx] > 0]  # they stay in as value-0 entries, which add nothing)
         else:
             fidx = ((pre > self._threshold) & (pre > 0)).reshape(-1).nonzero().squeeze(1)
         rows, cols = fidx // n, fidx % n
         gathered = pre.reshape(-1)[fidx]
         if self.training and gathered.numel():
-            m = self.cfg.threshold_momentum
-            lo = gathered.min()
-            cur = self._threshold[0]
-            new = lo if float(cur) == 0.0 else m * cur + (1 - m) * lo
-            self._threshold.fill_(float(new))
+            self._update_threshold(gathered)
         return rows, cols, gathered, pre
+
+    @torch.no_grad()
+    def _update_threshold(self, gathered: torch.Tensor) -> None:
+        """EMA of the smallest positive selected pre-activation (its first value: that minimum), on the device."""
+        m = self.cfg.threshold_momentum
+        lo = gathered.masked_fill(gathered <= 0, float("inf")).min()
+        cur = self._threshold[0]
+        new = torch.where(cur == 0, lo, m * cur + (1 - m) * lo)
+        self._threshold.fill_(torch.where(torch.isfinite(lo), new, cur))
 
 
 class MatryoshkaSAE(BatchTopKSAE):
@@ -406,9 +416,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         G = len(ends)
         rows, cols, gathered, pre = self._select(xc)
         group = torch.bucketize(cols, torch.tensor(ends, device=cols.device), right=True)
-        bag = rows * G + group
-        counts = torch.bincount(bag, minlength=b * G)
-        offsets = torch.cumsum(counts, 0) - counts
+        offsets = _starts(rows * G + group, b * G)  # entries are row-major, latents ascending: bags sorted
         xc_bags = xc.repeat_interleave(G, dim=0) if G > 1 else xc
         bag_codes, parts = sparse_autoencode(xc_bags, self.enc, self.b_enc, self.W_dec, cols, offsets, gathered, b * G)
         prefixes = parts.reshape(b, G, -1).cumsum(1)
@@ -418,8 +426,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         skip = self.skip_term(x)
         prefix_out = prefixes + (self.b_dec if skip is None else self.b_dec + skip.unsqueeze(1))
         prefix_fvu = torch.stack([layer_fvu(prefix_out[:, g], y, var) for g in range(G)])
-        row_counts = torch.bincount(rows, minlength=b)
-        codes = SparseCodes(cols, torch.cumsum(row_counts, 0) - row_counts, bag_codes.vals, b, n)
+        codes = SparseCodes(cols, _starts(rows, b), bag_codes.vals, b, n)
         terms = {f"prefix_fvu_{e}": v.detach() for e, v in zip(ends[:-1], prefix_fvu[:-1])}
         return _with_aux(self, x, xc, prefix_out[:, -1], codes, pre, dead_mask, target, var,
                          loss_fvu=prefix_fvu.mean(), terms=terms)

@@ -70,6 +70,8 @@ def setup(device: str) -> tuple[DistInfo, str]:
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+    global _FLAGS
+    _FLAGS = dist.new_group(backend="gloo") if cuda else None  # host flags agreed without the device
     if dist.get_world_size() != info.world or dist.get_rank() != info.rank:
         raise UserError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
                         f"RANK={info.rank} WORLD_SIZE={info.world}")
@@ -142,9 +144,14 @@ def all_min_(t: torch.Tensor) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+_FLAGS: Any = None  # a gloo group over the ranks of a CUDA run (None: the default group is gloo already)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether any rank's flag is set (the per-step stop check): a host tensor all_reduced over gloo, so
+    it never waits for the GPU's queued work (a CUDA tensor's .item() would, every step)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAGS)
     return bool(t.item())
 
 

@@ -395,7 +395,7 @@ class Trainer:
                     self.checkpoint()
                     next_ckpt = self._next_checkpoint()
                 if self.dist.enabled and self.step < total:  # every rank stops at the same step
-                    self.stop_requested = ddp.any_rank(self.stop_requested, self.device)
+                    self.stop_requested = ddp.any_rank(self.stop_requested)
                 if self.stop_requested and self.step < total:
                     self.elapsed += time.perf_counter() - t_start
                     path = self.checkpoint()

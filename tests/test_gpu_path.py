@@ -63,9 +63,9 @@ def as_on_cuda(monkeypatch):
 
 
 def _trainer(store, tmp_path, **kw) -> Trainer:
-    cfg = TrainConfig(store=store.path, out=str(tmp_path / "o"), arch=["topk"], k=[3], expansion=[4],
-                      tokens=256 * 20, batch_size=256, dead_tokens=512, scale_sample=2048, eval_rows=256,
-                      checkpoint_every=0, wandb="disabled", quiet=True, threads=1, **kw)
+    cfg = TrainConfig(**{**dict(store=store.path, out=str(tmp_path / "o"), arch=["topk"], k=[3], expansion=[4],
+                                tokens=256 * 20, batch_size=256, dead_tokens=512, scale_sample=2048, eval_rows=256,
+                                checkpoint_every=0, wandb="disabled", quiet=True, threads=1), **kw})
     cfg.validate()
     t = Trainer(cfg)
     t._init_fresh()
@@ -86,8 +86,9 @@ def _steps(t: Trainer, n: int, seed: int = 0) -> SyncCounter:
     return counter
 
 
-def test_train_step_makes_no_host_sync_on_the_cuda_path(store, tmp_path, as_on_cuda):
-    t = _trainer(store, tmp_path)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_train_step_makes_no_host_sync_on_the_cuda_path(store, tmp_path, as_on_cuda, arch):
+    t = _trainer(store, tmp_path, arch=[arch], matryoshka_groups=[0.25, 0.75])
     m = t.members[0]
     m.since_fired[: m.sae.cfg.d_sae // 2] = 10**6  # half the latents dead: AuxK runs
     counter = _steps(t, 3)
@@ -125,6 +126,39 @@ def test_sync_free_auxk_equals_the_cpu_path(n_dead, monkeypatch):
     torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-5)
     for a, b in zip(got[2], ref[2]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sync_free_batchtopk_equals_the_cpu_path(arch, monkeypatch):
+    """The CUDA variant keeps the batch's zero picks as value-0 entries and updates the threshold on
+    the device: same loss, gradients and threshold as the CPU path, which drops them, over 3 steps."""
+    cfg = ArchConfig(arch=arch, d_in=16, d_sae=64, k=3, group_sizes=[16, 48] if arch == "matryoshka" else None)
+    xs = torch.randn(3, 128, 16, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).train()
+        with torch.no_grad():
+            sae.b_enc.fill_(-2.5)  # few positive pre-activations: zeros among the batch's top B·k
+        out = []
+        for x in xs:
+            sae.zero_grad()
+            o = sae(x)
+            o.loss.backward()
+            out.append((o.loss.detach(), o.l0, o.fire_counts, sae._threshold.clone(),
+                        [p.grad.clone() for p in sae.parameters()]))
+        return out
+
+    ref = run()
+    for mod in (sops, archs):
+        monkeypatch.setattr(mod, "sync_free", lambda t: True)
+    got = run()
+    assert float(ref[0][1]) < 3  # some of the top B·k were zeros (dropped on the CPU path)
+    for (la, l0a, fa, ta, ga), (lb, l0b, fb, tb, gb) in zip(got, ref):
+        torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
+        assert float(l0a) == float(l0b) and torch.equal(fa, fb)
+        torch.testing.assert_close(ta, tb)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_bf16_autocast_trains_with_float32_weights(store, tmp_path):
