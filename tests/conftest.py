@@ -47,6 +47,26 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(one_torch_thread):
+    """A random-weight tiny Llama (tests/tiny_models.py) for the search tests."""
+    from tests.tiny_models import tiny_model
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_topk_sae():
+    """A TopK SAE on the tiny Llama's width (32) with spread encoder biases, so latents differ."""
+    import torch
+
+    from sae.architectures import ArchConfig, build_sae
+    torch.manual_seed(3)
+    s = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=24, k=6)).eval()
+    with torch.no_grad():
+        s.b_enc.normal_(0, 0.3)
+    return s
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the packaged model carries the `smollm` marker (`-m "not smollm"` skips
     them all), whether or not its file remembered to mark it."""

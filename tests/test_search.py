@@ -8,64 +8,49 @@ from analysis.vocab_search import Objective, activation_of, complete_search, gre
 from saeforge.errors import UserError
 from sae.architectures import ArchConfig, build_sae
 from sae.io import save_sae
-from tests.tiny_models import tiny_model
 
 HOOK = "layers.1.resid_post"
 
 
-@pytest.fixture(scope="module")
-def model(one_torch_thread):
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(3)
-    s = build_sae(ArchConfig(arch="topk", d_in=32, d_sae=24, k=6)).eval()
-    with torch.no_grad():
-        s.b_enc.normal_(0, 0.3)
-    return s
-
-
 @pytest.mark.parametrize("kind", ["neuron", "latent"])
-def test_complete_search_is_the_max(model, sae, kind):
-    obj = Objective.for_neuron(HOOK, 7, 32) if kind == "neuron" else Objective.for_latent(sae, 5, HOOK)
+def test_complete_search_is_the_max(tiny_llama, tiny_topk_sae, kind):
+    obj = Objective.for_neuron(HOOK, 7, 32) if kind == "neuron" else Objective.for_latent(tiny_topk_sae, 5, HOOK)
     prefix = [1]
-    res = complete_search(model, obj, prefix, top=5, batch=37)
+    res = complete_search(tiny_llama, obj, prefix, top=5, batch=37)
     best = res.top[0]
     # re-run every single token from scratch (no cache, no batching): the best really is the max
-    again = [activation_of(model, obj, prefix + [t]) for t in range(128)]
-    assert activation_of(model, obj, prefix + best.ids) == pytest.approx((best.activation, best.pre), abs=1e-5)
+    again = [activation_of(tiny_llama, obj, prefix + [t]) for t in range(128)]
+    assert activation_of(tiny_llama, obj, prefix + best.ids) == pytest.approx((best.activation, best.pre), abs=1e-5)
     assert best.activation >= max(a for a, _ in again) - 1e-5
     if kind == "latent":
         assert best.activation > 0  # some token switches the latent on
     assert [c.activation for c in res.top] == sorted((c.activation for c in res.top), reverse=True)
 
 
-def test_greedy_at_least_best_single_token(model, sae):
-    obj = Objective.for_latent(sae, 5, HOOK)
-    comp = complete_search(model, obj, [1], top=3)
-    gr = greedy_search(model, obj, 3, [1], top=3, batch=50)
+def test_greedy_at_least_best_single_token(tiny_llama, tiny_topk_sae):
+    obj = Objective.for_latent(tiny_topk_sae, 5, HOOK)
+    comp = complete_search(tiny_llama, obj, [1], top=3)
+    gr = greedy_search(tiny_llama, obj, 3, [1], top=3, batch=50)
     assert len(gr.steps) == 3 and [len(s.ids) for s in gr.steps] == [1, 2, 3]
     assert gr.steps[0].ids == comp.top[0].ids  # step one is the complete search
     assert gr.best.activation >= comp.top[0].activation
     # every step's activation is what a fresh forward of that string gives, and it is the argmax of its step
     for s in gr.steps:
-        assert activation_of(model, obj, [1] + s.ids)[0] == pytest.approx(s.activation, abs=1e-5)
-    act, _ = scan_vocab(model, obj, [1] + gr.steps[1].ids, use_cache=False)
+        assert activation_of(tiny_llama, obj, [1] + s.ids)[0] == pytest.approx(s.activation, abs=1e-5)
+    act, _ = scan_vocab(tiny_llama, obj, [1] + gr.steps[1].ids, use_cache=False)
     assert gr.steps[2].activation == pytest.approx(float(act.max()), abs=1e-5)
 
 
-def test_cache_equals_recompute(model):
+def test_cache_equals_recompute(tiny_llama):
     obj = Objective.for_neuron(HOOK, 2, 32)
-    a, _ = scan_vocab(model, obj, [1, 9, 4], batch=40, use_cache=True)
-    b, _ = scan_vocab(model, obj, [1, 9, 4], batch=40, use_cache=False)
+    a, _ = scan_vocab(tiny_llama, obj, [1, 9, 4], batch=40, use_cache=True)
+    b, _ = scan_vocab(tiny_llama, obj, [1, 9, 4], batch=40, use_cache=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_out_of_range(sae):
+def test_out_of_range(tiny_topk_sae):
     with pytest.raises(UserError, match="out of range"):
-        Objective.for_latent(sae, 24, HOOK)
+        Objective.for_latent(tiny_topk_sae, 24, HOOK)
     with pytest.raises(UserError, match="out of range"):
         Objective.for_neuron(HOOK, 32, 32)
 
@@ -118,7 +103,7 @@ def test_search_cli_gradient(smollm2, tmp_path, capsys, monkeypatch):
         search_cli.main(["--hook", "layers.1.mlp_hidden", "--neuron", "1536", "--vocab", "10"])
 
 
-def test_cache_problems_are_loud(model, monkeypatch, caplog):
+def test_cache_problems_are_loud(tiny_llama, monkeypatch, caplog):
     """Issue 12: the KV-cache set-up used to swallow every exception and silently recompute the prefix."""
     import logging
 
@@ -126,25 +111,25 @@ def test_cache_problems_are_loud(model, monkeypatch, caplog):
 
     from analysis import vocab_search
     obj = Objective.for_neuron(HOOK, 2, 32)
-    expected, _ = scan_vocab(model, obj, [1, 9], use_cache=False)
+    expected, _ = scan_vocab(tiny_llama, obj, [1, 9], use_cache=False)
 
     class BrokenCache(transformers.DynamicCache):
         def __init__(self, *a, **k):
             raise RuntimeError("broken cache")
     monkeypatch.setattr(transformers, "DynamicCache", BrokenCache)
     with pytest.raises(RuntimeError, match="broken cache"):
-        scan_vocab(model, obj, [1, 9], use_cache=True)
+        scan_vocab(tiny_llama, obj, [1, 9], use_cache=True)
     monkeypatch.undo()
     # a forward that takes no cache: a warning saying so, and the same numbers by recomputing
     monkeypatch.setattr(vocab_search, "cache_kwarg", lambda m: None)
     with caplog.at_level(logging.WARNING, logger="analysis.vocab_search"):
-        got, _ = scan_vocab(model, obj, [1, 9], use_cache=True)
+        got, _ = scan_vocab(tiny_llama, obj, [1, 9], use_cache=True)
     assert "takes no KV cache" in caplog.text
     torch.testing.assert_close(got, expected)
 
 
-def test_cache_kwarg_matches_this_transformers(model):
+def test_cache_kwarg_matches_this_transformers(tiny_llama):
     import inspect
 
     from analysis.vocab_search import cache_kwarg
-    assert cache_kwarg(model) in inspect.signature(model.forward).parameters
+    assert cache_kwarg(tiny_llama) in inspect.signature(tiny_llama.forward).parameters
