@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ def dense_adam_lr(d_sae: int) -> float:
     return 6e-4 / math.sqrt(d_sae / 16384)
 
 
-def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def round_robin(fns: Mapping[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in turns (so background load hits all alike)
     after one warm-up call each (allocations, optimizer state)."""
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -13,6 +13,7 @@ one loop, so background load hits every kind and its reference alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Callable
@@ -70,8 +71,8 @@ def bench_kinds(store: Store, hook: str, target: str, hooks: list[str], k: int, 
         dense = DenseAdam(a.width, a.d_sae, k, sae.b_dec.detach(), 1.0, dense_adam_lr(a.d_sae), n_layers=a.n_layers,
                           b_in=typing.cast(torch.Tensor, sae.b_in) if a.transcoder else None, skip=a.skip,
                           groups=a.group_sizes)
-        fns[f"{name}/saeforge"] = lambda tr=tr, x=x, y=y: tr.train_step(x, y)
-        fns[f"{name}/dense"] = lambda dense=dense, x=x, y=y: dense.step(x, y)
+        fns[f"{name}/saeforge"] = functools.partial(tr.train_step, x, y)
+        fns[f"{name}/dense"] = functools.partial(dense.step, x, y)
         groups = f", {len(a.group_sizes)} groups" if a.group_sizes else ""
         shapes[name] = f"{a.width}→{a.width if y is None else y.shape[1]}{groups}"
     med = round_robin(fns, reps)
