@@ -118,7 +118,8 @@ class DenseAdam:
         err = (recon - y).pow(2).view(b, L, -1).sum((0, 2))
         return (err / (y - y.mean(0)).pow(2).view(b, L, -1).sum((0, 2))).mean()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of raw inputs x (and a transcoder's targets y): FVU, per-layer mean, prefix mean."""
         x = x * self.scale
         y = x if y is None else y * self.scale
         f = self._encode(x)
@@ -129,10 +130,11 @@ class DenseAdam:
                 out = out + f[:, start:start + size] @ self.W_dec[start:start + size]
                 losses.append(self._fvu(out, y))
                 start += size
-            loss = torch.stack(losses).mean()
-        else:
-            loss = self._fvu(f @ self.W_dec + out, y)
-        loss.backward()
+            return torch.stack(losses).mean()
+        return self._fvu(f @ self.W_dec + out, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        self.loss(x, y).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

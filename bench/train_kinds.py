@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +39,7 @@ def synthetic_kinds_store(path: str, n_tokens: int = 32768, d: int = 576, n_feat
     hooks = [IN, OUT, *LAYERS]
     dicts, offsets = zip(*(planted_dictionary(d, n_features, seed=100 + j) for j in range(len(hooks))))
     rows = planted_rows(n_tokens, list(dicts), list(offsets), active, seed=0)
-    return write_synthetic_store(path, n_tokens=n_tokens, d=d, context=256, shard_rows=8192, dtype="float16",
+    return write_synthetic_store(path, n_tokens=n_tokens, d=d, context=256, shard_rows=min(8192, n_tokens), dtype="float16",
                                  rows=dict(zip(hooks, rows)))
 
 
@@ -54,11 +55,27 @@ def kinds(hook: str, target: str, hooks: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
-def bench_kinds(store: Store, hook: str, target: str, hooks: list[str], k: int, expansion: int, batch: int,
-                reps: int, tmp: Path) -> dict[str, tuple[float, float]]:
-    """{kind: (saeforge tokens/s, dense tokens/s)}, printed as a table with the ratio."""
-    fns: dict[str, Callable[[], object]] = {}
-    shapes: dict[str, str] = {}
+@dataclass
+class KindSetup:
+    """One kind ready to time: its Trainer (fresh), the dense reference of its shapes, one batch."""
+    name: str
+    trainer: Trainer
+    dense: DenseAdam
+    x: torch.Tensor
+    y: torch.Tensor | None
+
+    @property
+    def shapes(self) -> str:
+        a = self.trainer.members[0].sae.cfg
+        groups = f", {len(a.group_sizes)} groups" if a.group_sizes else ""
+        return f"{a.width}→{a.width if self.y is None else self.y.shape[1]}{groups}"
+
+
+def kind_setups(store: Store, hook: str, target: str, hooks: list[str], k: int, expansion: int, batch: int,
+                tmp: Path) -> list[KindSetup]:
+    """Each kind's trainer at its defaults, the dense reference (its b_dec and a transcoder's b_in) and
+    the same first batch of the store, scaled as the trainer scales it."""
+    out = []
     for name, kw in kinds(hook, target, hooks).items():
         cfg = TrainConfig(store=store.path, out=str(tmp / name.replace(" ", "_").replace("=", "")), k=[k],
                           expansion=[expansion], tokens=batch * 10_000, batch_size=batch, wandb="disabled",
@@ -71,10 +88,19 @@ def bench_kinds(store: Store, hook: str, target: str, hooks: list[str], k: int, 
         dense = DenseAdam(a.width, a.d_sae, k, sae.b_dec.detach(), 1.0, dense_adam_lr(a.d_sae), n_layers=a.n_layers,
                           b_in=typing.cast(torch.Tensor, sae.b_in) if a.transcoder else None, skip=a.skip,
                           groups=a.group_sizes)
-        fns[f"{name}/saeforge"] = functools.partial(tr.train_step, x, y)
-        fns[f"{name}/dense"] = functools.partial(dense.step, x, y)
-        groups = f", {len(a.group_sizes)} groups" if a.group_sizes else ""
-        shapes[name] = f"{a.width}→{a.width if y is None else y.shape[1]}{groups}"
+        out.append(KindSetup(name, tr, dense, x, y))
+    return out
+
+
+def bench_kinds(store: Store, hook: str, target: str, hooks: list[str], k: int, expansion: int, batch: int,
+                reps: int, tmp: Path) -> dict[str, tuple[float, float]]:
+    """{kind: (saeforge tokens/s, dense tokens/s)}, printed as a table with the ratio."""
+    setups = kind_setups(store, hook, target, hooks, k, expansion, batch, tmp)
+    fns: dict[str, Callable[[], object]] = {}
+    for su in setups:
+        fns[f"{su.name}/saeforge"] = functools.partial(su.trainer.train_step, su.x, su.y)
+        fns[f"{su.name}/dense"] = functools.partial(su.dense.step, su.x, su.y)
+    shapes = {su.name: su.shapes for su in setups}
     med = round_robin(fns, reps)
     print(f"\nkinds: d={store.d_model} d_sae={expansion * store.d_model} k={k} batch={batch} "
           f"threads={torch.get_num_threads()} (median of {reps} round-robin steps; dense = plain PyTorch of the same "
