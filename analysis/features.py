@@ -276,7 +276,7 @@ def _hooks(hook: str | Sequence[str]) -> list[str]:
     return [hook] if isinstance(hook, str) else list(hook)
 
 
-def _read(store: Store, hooks: list[str], a: int, b: int, mask: np.ndarray) -> np.ndarray:
+def read_inputs(store: Store, hooks: list[str], a: int, b: int, mask: np.ndarray) -> np.ndarray:
     """Rows a..b (those in mask) of the hook points, side by side ([n, len(hooks)·d])."""
     xs = [store.activations(h, a, b)[mask] for h in hooks]
     return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
@@ -301,7 +301,7 @@ def _blocks(store: Store, hooks: list[str], split: Split, block_rows: int, quiet
 
     for a, b in ranges:
         mask = store.split_mask(split, a, b)
-        x = _read(store, hooks, a, b, mask) if mask.any() else None
+        x = read_inputs(store, hooks, a, b, mask) if mask.any() else None
         buf.append((np.arange(a, b), store.tokens(a, b), store.seq(a, b), mask, x))
         n_buf += b - a
         bar.update(b - a)
@@ -379,7 +379,7 @@ def encode_rate(sae: SAE, store: Store, hook: str | Sequence[str], split: Split 
     for a, b in store.chunk_ranges():
         mask = store.split_mask(split, a, b)
         if mask.any():
-            x = torch.from_numpy(_read(store, hooks, a, b, mask)).to(device)
+            x = torch.from_numpy(read_inputs(store, hooks, a, b, mask)).to(device)
             encode_triples(sae, x, encode_batch)
             n += x.shape[0]
         if max_rows is not None and n >= max_rows:

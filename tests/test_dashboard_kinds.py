@@ -133,3 +133,32 @@ def test_viewer_shows_each_kind(made, browser):  # noqa: F811
             assert note.text_content() == f"logits of the decoder into {WRITES[name]}"
         assert w.errors == [] and w.dialogs == []
         p.close()
+
+
+@pytest.mark.smollm
+def test_live_endpoints_read_and_write_where_each_kind_does(made, smollm2, monkeypatch):
+    """`saeforge serve` on the crosscoder's features: live text is encoded from both layers of one forward
+    (checked against hidden_states); steering adds the latent's decoder row at each layer it writes, and a
+    transcoder's at its target."""
+    import collect.model
+    from analysis.serve import Live
+    _, dirs = made
+    monkeypatch.setattr(collect.model, "load_model", lambda spec, *a, **k: smollm2)
+    live = Live.from_features(dirs["crosscoder"][1])
+    assert (live.inputs, live.outputs) == ([R2, R3], [R2, R3])
+    text = "The cat sat on the mat because it was warm."
+    got = live.tokens(text)["tokens"]
+    ids = [smollm2.tokenizer.bos_token_id] + smollm2.tokenizer(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        hs = smollm2.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        f = live.sae.encode(torch.cat([hs[3][0], hs[4][0]], -1))  # resid_post of blocks 2 and 3
+    assert [t["id"] for t in got] == ids and got[0]["latents"] == []  # BOS is not encoded
+    for j in range(1, len(ids)):
+        v, i = f[j].topk(3)
+        assert [la for la, _ in got[j]["latents"][:3]] == i.tolist()
+        np.testing.assert_allclose([x for _, x in got[j]["latents"][:3]], v.numpy(), rtol=1e-4, atol=1e-5)
+    out = live.steer(5, 4.0, "The weather today is", max_new_tokens=2, seed=0)
+    assert out["hook_point"] == f"{R2},{R3}"
+    tc = Live.from_features(dirs["transcoder"][1])
+    assert (tc.inputs, tc.outputs) == ([R_IN], [R_OUT])
+    assert tc.steer(5, 4.0, "The weather today is", max_new_tokens=2, seed=0)["hook_point"] == R_OUT
