@@ -159,6 +159,10 @@ def test_live_endpoints_read_and_write_where_each_kind_does(made, smollm2, monke
         np.testing.assert_allclose([x for _, x in got[j]["latents"][:3]], v.numpy(), rtol=1e-4, atol=1e-5)
     out = live.steer(5, 4.0, "The weather today is", max_new_tokens=2, seed=0)
     assert out["hook_point"] == f"{R2},{R3}"
+    # `explain` draws its non-activating contexts by encoding the crosscoder's layers side by side
+    from analysis.explain import sample_negatives
+    neg = sample_negatives(load_features(dirs["crosscoder"][1]), [], n_contexts=16)
+    assert neg.active.shape == (16, 576) and neg.active[:, _busiest(dirs["crosscoder"][1])].any()
     tc = Live.from_features(dirs["transcoder"][1])
     assert (tc.inputs, tc.outputs) == ([R_IN], [R_OUT])
     assert tc.steer(5, 4.0, "The weather today is", max_new_tokens=2, seed=0)["hook_point"] == R_OUT
