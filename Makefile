@@ -44,6 +44,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/collect.py
 	$(PY) bench/train.py
+	$(PY) bench/train.py --kinds
 
 clean:
 	rm -rf $(VENV) runs wandb

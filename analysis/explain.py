@@ -33,7 +33,7 @@ import torch
 
 from analysis.dashboard import EXPLANATIONS, EXPLANATIONS_FORMAT, write_explanations_js
 from analysis.explain_clients import ChatModel, Conversation
-from analysis.features import encode_triples
+from analysis.features import encode_triples, read_inputs
 from analysis.features_io import Reader, fingerprint, load_index
 from analysis.labels import label_tokens
 from saeforge.errors import UserError
@@ -149,8 +149,9 @@ def sample_negatives(doc: dict[str, Any], vocab: list[str], n_contexts: int = 25
     from collect.store import Store
     from sae.io import load_sae
     sae_path, store_path = (doc.get("sae") or {}).get("path"), (doc.get("store") or {}).get("path")
-    hook = (doc.get("sae") or {}).get("hook_point")
-    if not sae_path or not store_path or not hook:
+    rec = doc.get("sae") or {}
+    hooks = list(rec.get("hook_points") or ([rec["hook_point"]] if rec.get("hook_point") else []))  # a crosscoder's: all
+    if not sae_path or not store_path or not hooks:
         raise UserError("features.json records no SAE path, store path or hook point; rerun `saeforge features`")
     sae = load_sae(sae_path, device)
     store = Store.open(store_path)
@@ -168,7 +169,7 @@ def sample_negatives(doc: dict[str, Any], vocab: list[str], n_contexts: int = 25
         if mask.sum() == 0:
             continue
         tokens, seq = store.tokens(a, b), store.seq(a, b)
-        x = torch.from_numpy(store.activations(hook, a, b)[mask]).to(sae.W_dec.device)
+        x = torch.from_numpy(read_inputs(store, hooks, a, b, mask)).to(sae.W_dec.device)
         r, lat, _ = encode_triples(sae, x)
         rows = np.flatnonzero(mask)[r.cpu().numpy()]
         on = np.zeros((b - a, d_sae), bool)

@@ -21,13 +21,17 @@ state is a few fixed-size buffers:
 Windows are only built for entries that enter a top buffer, so the cost per block after warm-up
 is the encoder matmul plus O(nnz log nnz) bookkeeping. Rows outside the chosen split (BOS,
 outliers, or the other split) are not encoded; their values in a context window read 0.
+
+A dictionary is encoded from what it reads: an SAE's or a transcoder's input hook point, a
+crosscoder's hook points side by side (`hook` as a list), so a crosscoder's top examples are the
+positions where its shared code is largest.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,14 +54,14 @@ def encode_triples(sae: SAE, x: torch.Tensor, batch: int = 1024
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zero latents of rows `x` [n, d_in] as (row, latent, value) triples, row-major.
 
-    TopK SAEs take the k largest ReLU pre-activations directly (what `encode` does, without
+    TopK SAEs (and crosscoders) take the k largest ReLU pre-activations directly (what `encode` does, without
     scattering into a dense [n, d_sae] matrix); other architectures encode `batch` rows at a time
     and keep the non-zeros."""
     rows, lats, vals = [], [], []
     arch = getattr(getattr(sae, "cfg", None), "arch", None)
     for a in range(0, x.shape[0], batch):
         xb = x[a:a + batch]
-        if arch == "topk":
+        if arch in ("topk", "crosscoder"):  # a crosscoder's code is TopK over its layers side by side
             pre = F.relu(sae.pre_acts(xb))
             v, idx = pre.topk(sae.cfg.k, dim=1, sorted=False)
             r = torch.arange(a, a + xb.shape[0], device=x.device).unsqueeze(1).expand_as(idx)
@@ -268,7 +272,17 @@ class FeatureStats:
 
 # ---- the pass ----------------------------------------------------------------------------------
 
-def _blocks(store: Store, hook: str, split: Split, block_rows: int, quiet: bool
+def _hooks(hook: str | Sequence[str]) -> list[str]:
+    return [hook] if isinstance(hook, str) else list(hook)
+
+
+def read_inputs(store: Store, hooks: list[str], a: int, b: int, mask: np.ndarray) -> np.ndarray:
+    """Rows a..b (those in mask) of the hook points, side by side ([n, len(hooks)·d])."""
+    xs = [store.activations(h, a, b)[mask] for h in hooks]
+    return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+
+
+def _blocks(store: Store, hooks: list[str], split: Split, block_rows: int, quiet: bool
             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(rows, tokens, seq, mask, x of the mask rows) for sequence-aligned runs of ~block_rows."""
     ranges = store.chunk_ranges()
@@ -282,12 +296,12 @@ def _blocks(store: Store, hook: str, split: Split, block_rows: int, quiet: bool
         seq = np.concatenate([p[2] for p in parts])
         mask = np.concatenate([p[3] for p in parts])
         xs = [p[4] for p in parts if p[4] is not None]
-        x = np.concatenate(xs) if xs else np.zeros((0, store.d_model), np.float32)
+        x = np.concatenate(xs) if xs else np.zeros((0, store.d_model * len(hooks)), np.float32)
         return rows, tokens, seq, mask, x
 
     for a, b in ranges:
         mask = store.split_mask(split, a, b)
-        x = store.activations(hook, a, b)[mask] if mask.any() else None
+        x = read_inputs(store, hooks, a, b, mask) if mask.any() else None
         buf.append((np.arange(a, b), store.tokens(a, b), store.seq(a, b), mask, x))
         n_buf += b - a
         bar.update(b - a)
@@ -309,24 +323,30 @@ def _blocks(store: Store, hook: str, split: Split, block_rows: int, quiet: bool
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, store: Store, hook: str, split: Split = "all", top: int = 20,
+def feature_stats(sae: SAE, store: Store, hook: str | Sequence[str], split: Split = "all", top: int = 20,
                   samples: int = 16, window: int = 10, bins: int = 50, block_rows: int = 8192,
                   encode_batch: int = 1024, seed: int = 0, quiet: bool = True) -> FeatureStats:
-    """One streaming pass: density, max, mean, top-N with contexts, reservoir samples, histograms."""
-    if hook not in store.hooks:
-        raise UserError(f"hook point {hook!r} is not in store {store.path!r}; it holds {store.hooks}: "
-                        f"pass the store this SAE was trained on")
+    """One streaming pass: density, max, mean, top-N with contexts, reservoir samples, histograms.
+
+    `hook`: the hook point the dictionary reads, or a crosscoder's hook points in its order."""
+    hooks = _hooks(hook)
+    for h in hooks:
+        if h not in store.hooks:
+            raise UserError(f"hook point {h!r} is not in store {store.path!r}; it holds {store.hooks}: "
+                            f"pass the store this SAE was trained on")
     d_sae = int(sae.W_dec.shape[0])
-    if int(sae.W_dec.shape[1]) != store.d_model:
-        raise UserError(f"SAE d_in {int(sae.W_dec.shape[1])} does not match store d_model {store.d_model}")
+    width = int(sae.enc.shape[1])  # what the encoder reads
+    if width != store.d_model * len(hooks):
+        raise UserError(f"SAE d_in {width} does not match store d_model {store.d_model}"
+                        + (f" × {len(hooks)} hook points" if len(hooks) > 1 else ""))
     gen = torch.Generator().manual_seed(seed)
-    width = 2 * window + 1
+    span = 2 * window + 1
     st = FeatureStats(d_sae=d_sae, n_rows=0, count=torch.zeros(d_sae, dtype=torch.int64),
-                      sum=torch.zeros(d_sae, dtype=torch.float64), top=TopBuffer(d_sae, top, width),
-                      samples=TopBuffer(d_sae, samples, width), hist=Histogram(d_sae, bins), window=window)
+                      sum=torch.zeros(d_sae, dtype=torch.float64), top=TopBuffer(d_sae, top, span),
+                      samples=TopBuffer(d_sae, samples, span), hist=Histogram(d_sae, bins), window=window)
     device = sae.W_dec.device
     t0 = time.perf_counter()
-    for rows, tokens, seq, mask, x in _blocks(store, hook, split, block_rows, quiet):
+    for rows, tokens, seq, mask, x in _blocks(store, hooks, split, block_rows, quiet):
         st.n_rows += int(mask.sum())
         if x.shape[0] == 0:
             continue
@@ -335,7 +355,7 @@ def feature_stats(sae: SAE, store: Store, hook: str, split: Split = "all", top: 
         st.encode_seconds += time.perf_counter() - te
         xr, lat, val = xr.cpu(), lat.cpu(), val.cpu()
         if not torch.isfinite(val).all():
-            raise UserError(f"store {store.path!r} hook {hook!r} gives NaN/inf latents near row {int(rows[0])}; "
+            raise UserError(f"store {store.path!r} hook {','.join(hooks)!r} gives NaN/inf latents near row {int(rows[0])}; "
                             f"recollect it or check the SAE")
         local = torch.from_numpy(np.flatnonzero(mask)).long()[xr]  # triple rows → block rows
         block = Block(rows, tokens, seq, d_sae, local, lat, val)
@@ -349,16 +369,17 @@ def feature_stats(sae: SAE, store: Store, hook: str, split: Split = "all", top: 
 
 
 @torch.no_grad()
-def encode_rate(sae: SAE, store: Store, hook: str, split: Split = "all", max_rows: int | None = None,
+def encode_rate(sae: SAE, store: Store, hook: str | Sequence[str], split: Split = "all", max_rows: int | None = None,
                 encode_batch: int = 1024) -> tuple[int, float]:
     """The bound the stats pass is measured against: read the same rows and encode them, nothing
     else. Returns (rows encoded, seconds)."""
     device = sae.W_dec.device
+    hooks = _hooks(hook)
     n, t0 = 0, time.perf_counter()
     for a, b in store.chunk_ranges():
         mask = store.split_mask(split, a, b)
         if mask.any():
-            x = torch.from_numpy(store.activations(hook, a, b)[mask]).to(device)
+            x = torch.from_numpy(read_inputs(store, hooks, a, b, mask)).to(device)
             encode_triples(sae, x, encode_batch)
             n += x.shape[0]
         if max_rows is not None and n >= max_rows:

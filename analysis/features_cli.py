@@ -3,6 +3,8 @@
 One streaming pass over the store (no model rerun: the store holds tokens, seq and pos), the
 SAE's logit attribution through the model's final norm and unembedding, a label per latent;
 writes DIR/features.json, the compact data under DIR/data/ and the static viewer (DIR/index.html).
+A transcoder is read at its input hook point; a crosscoder at all its hook points side by side (its
+shared code), and its logits come from its last layer's decoder.
 """
 from __future__ import annotations
 
@@ -83,14 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from analysis.features import encode_rate, feature_stats
     from analysis.features_io import write_features
     from analysis.labels import logit_table, unembedding, vocab_strings
-    from sae.io import check_store_match, load_sae, read_cfg, sae_summary
+    from sae.io import check_store_points, load_sae, read_cfg, sae_summary
 
     cfg, _ = parse_config(FeaturesConfig, argv, section="features", prog="saeforge features",
                           description="Per-latent statistics, top examples, logits and labels; the static viewer.")
     out = check_out_dir(cfg.out)
     store = Store.open(cfg.store)
     meta = sae_summary(cfg.sae)
-    hook = check_store_match(read_cfg(cfg.sae), store, cfg.sae)
+    ins, outs = check_store_points(read_cfg(cfg.sae), store, cfg.sae)
+    hook: str | list[str] = ins[0] if len(ins) == 1 else ins  # a crosscoder reads its hook points side by side
     sae = load_sae(cfg.sae, cfg.device)
     lm = load_model(cfg.model or store.model_spec, cfg.device)
     if cfg.model is None and lm.weights_hash != store.model_hash:
@@ -106,9 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         n, s = encode_rate(sae, store, hook, cfg.split)
         rates |= {"encode_only_rows_per_s": n / max(s, 1e-9), "encode_only_seconds": s}
     t0 = time.perf_counter()
-    logits = logit_table(sae.W_dec.detach(), lm.model, top=cfg.logits)
+    logits = logit_table(sae.decoder_rows(-1).detach(), lm.model, top=cfg.logits)  # a crosscoder: its last layer
     vocab = vocab_strings(lm.tokenizer, unembedding(lm.model).shape[0])
-    meta_out = {"sae": {"path": absolute(cfg.sae), **meta, "hook_point": hook},
+    meta_out = {"sae": {"path": absolute(cfg.sae), **meta, "hook_point": hook if isinstance(hook, str) else None,
+                        "logits_from": outs[-1]},
                 "store": {"path": absolute(cfg.store), "n_tokens": store.n_tokens, "split": cfg.split,
                           "rows_counted": stats.n_rows, "corpus": store.attrs.get("corpus")},
                 "model": store.model_spec, "model_hash": store.model_hash, "prepend_bos": store.attrs.get("prepend_bos"),
@@ -119,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.dashboard:
         install_viewer(out)
     alive = int((stats.count > 0).sum())
-    print(f"{stats.d_sae} latents ({alive} fired) over {stats.n_rows} rows of {cfg.store} [{cfg.split}]")
+    print(f"{stats.d_sae} latents ({alive} fired) over {stats.n_rows} rows of {cfg.store} [{cfg.split}]"
+          + ("" if isinstance(hook, str) else f" at {', '.join(hook)} (logits from {hook[-1]}'s decoder)"))
     print(f"stats pass: {rate:,.0f} rows/s ({stats.seconds:.1f} s, encoding {stats.encode_seconds:.1f} s of it)")
     if cfg.measure:
         print(f"encode only: {rates['encode_only_rows_per_s']:,.0f} rows/s "

@@ -8,8 +8,10 @@ model and SAE the directory was made from (loaded once).
     POST /api/steer             {"latent": int, "coeff": float, "prompt": str, "max_new_tokens"?: int,
                                  "seed"?: int, "temperature"?: float} → base and steered generations
 
-Steering reuses analysis.steer_apply.steer (x + coeff·W_dec[latent] at the SAE's hook point, every
-position) and analysis.steer_eval.generate (same seed for both runs). Every refusal is JSON
+Steering reuses analysis.steer_apply.steer (x + coeff·W_dec[latent] where the dictionary writes, every
+position: an SAE's hook point, a transcoder's target, each of a crosscoder's layers) and
+analysis.steer_eval.generate (same seed for both runs). Live text is encoded from what the dictionary
+reads (a transcoder's input; a crosscoder's hook points side by side, from one forward). Every refusal is JSON
 `{"error": "..."}` with a 4xx status: oversized bodies (413), non-JSON (400), unknown latents (404),
 paths outside the directory (403/404), requests for another Host (403, against DNS rebinding).
 """
@@ -57,8 +59,10 @@ class Live:
     """The model, tokenizer and SAE behind the live endpoints."""
     lm: Any                    # collect.model.LoadedModel
     sae: SAE
-    hook: str
+    hook: str                  # the (first) hook point read
     prepend_bos: bool = True
+    inputs: list[str] | None = None   # hook points read, side by side (default [hook])
+    outputs: list[str] | None = None  # hook points the decoder writes, in its layer order (default: inputs)
 
     @property
     def d_sae(self) -> int:
@@ -66,6 +70,8 @@ class Live:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()  # hooks are per model: one request at a time
+        self.inputs = list(self.inputs or [self.hook])
+        self.outputs = list(self.outputs or self.inputs)
 
     @classmethod
     def from_features(cls, features_dir: str | Path, device: str = "cpu", model: str | None = None,
@@ -88,16 +94,19 @@ class Live:
         if model is None and want and lm.weights_hash != want:
             raise UserError(f"model {spec!r} now has weights hash {lm.weights_hash[:12]} but the features were made "
                             f"with {want[:12]}; pass --model with the model of the store")
-        hook = (doc.get("sae") or {}).get("hook_point")
-        if not hook:
+        rec = doc.get("sae") or {}
+        ins = list(rec.get("hook_points") or ([rec["hook_point"]] if rec.get("hook_point") else []))
+        if not ins:
             raise UserError(f"{str(features_dir)!r}/features.json records no hook point; rerun `saeforge features`")
         bos = doc.get("prepend_bos")
-        return cls(lm, sae, hook, True if bos is None else bool(bos))
+        return cls(lm, sae, ins[0], True if bos is None else bool(bos), inputs=ins,
+                   outputs=list(rec.get("output_hook_points") or ins))
 
     # ---- the endpoints ---------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.lm.spec, "hook_point": self.hook, "d_sae": self.d_sae,
+        return {"model": self.lm.spec, "hook_point": self.hook, "hook_points": self.inputs,
+                "output_hook_points": self.outputs, "d_sae": self.d_sae,
                 "limits": {"body_bytes": MAX_BODY, "text_tokens": MAX_TEXT_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
                            "prompt_chars": MAX_PROMPT_CHARS}}
 
@@ -114,7 +123,6 @@ class Live:
     def tokens(self, text: Any, latent: Any = None) -> dict[str, Any]:
         """Each token of `text` with its top latents [(latent, value)…] (special tokens are not encoded,
         as the store's keep mask leaves them out)."""
-        from collect.hooks import forward_to
         if not isinstance(text, str):
             raise ApiError(400, "text must be a string")
         want = self.check_latent(latent)
@@ -131,7 +139,7 @@ class Live:
         special = set(getattr(tok, "all_special_ids", []) or [])
         with self.lock:
             x_all = torch.tensor([ids], device=self.lm.device)
-            acts = next(iter(forward_to(self.lm.model, x_all, self.hook).values()))[0].float()
+            acts = self._read(x_all)
             enc = [j for j, t in enumerate(ids) if t not in special]
             per: dict[int, list[tuple[int, float]]] = {j: [] for j in range(len(ids))}
             if enc:
@@ -148,9 +156,17 @@ class Live:
             out.append(item)
         return {"tokens": out}
 
+    def _read(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T, width] what the dictionary reads at each position of one sequence, from one forward."""
+        from analysis.directions import canonical_point
+        from collect.hooks import forward_to
+        assert self.inputs is not None
+        got = forward_to(self.lm.model, ids, self.inputs)
+        return torch.cat([got[canonical_point(self.lm.model, h)][0].float() for h in self.inputs], -1)
+
     def steer(self, latent: Any, coeff: Any, prompt: Any, max_new_tokens: Any = 30, seed: Any = 0,
               temperature: Any = 0.8) -> dict[str, Any]:
-        """Base and steered continuations of `prompt`, steering with x + coeff·W_dec[latent]."""
+        """Base and steered continuations of `prompt`, steering with x + coeff·W_dec[latent] where it writes."""
         from analysis.directions import SteeringVector, canonical_point
         from analysis.steer_apply import steer
         from analysis.steer_eval import encode, generate
@@ -168,9 +184,11 @@ class Live:
             raise ApiError(413, f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         model, tok = self.lm.model, self.lm.tokenizer
         with self.lock:
-            point = canonical_point(model, self.hook)
-            sv = SteeringVector({point: self.sae.W_dec[i].detach().float().cpu()},
-                                {"source": f"sae latent {i}", "source_point": point})
+            assert self.outputs is not None
+            dirs = {canonical_point(model, o): self.sae.decoder_rows(j)[i].detach().float().cpu()
+                    for j, o in enumerate(self.outputs)}
+            point = ",".join(dirs)
+            sv = SteeringVector(dirs, {"source": f"sae latent {i}", "source_point": point})
             ids = encode(tok, prompt)
             sampling = Sampling(temperature=temp, seed=s)  # llama.cpp's chain and defaults, as `saeforge steer`
             base = generate(model, tok, ids, n, sampling)

@@ -2,6 +2,7 @@
 
     python bench/train.py                                   # synthetic d=576 store
     python bench/train.py --store S.zarr --hook layers.15.resid_post
+    python bench/train.py --kinds                           # each dictionary kind vs dense (bench/train_kinds.py)
 
 Prints, for d_sae 4608 and 9216 (k 32, batch 4096, 2 threads): tokens/s of
   dense     plain PyTorch TopK SAE step: dense encoder, topk, dense decoder, autograd, Adam
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import DenseAdam, SparsifyDefaults, dense_adam_lr, sparsify_available  # noqa: E402
+from bench.peers import DenseAdam, SparsifyDefaults, dense_adam_lr, round_robin, sparsify_available  # noqa: E402
+from bench.train_kinds import IN, LAYERS, OUT, add_kinds_args, bench_kinds, synthetic_kinds_store  # noqa: E402
 from collect.store import Store  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
 from sae.loader import ShuffledLoader  # noqa: E402
@@ -68,15 +69,7 @@ def bench_steps(store: Store, hook: str, k: int, batch: int, reps: int, tmp: Pat
             fns["sparsify+AuxK"] = lambda: sp.step(x_raw, few)
         fns["saeforge"] = lambda: tr.train_step(x)
         fns["saeforge+AuxK"] = ours_aux
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for f in fns.values():  # warm-up (allocations, Adam state)
-            f()
-        for _ in range(reps):
-            for name, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = round_robin(fns, reps)
         if "sparsify" not in fns:
             print("(sparsify is not installed: `pip install --no-deps eai-sparsify schedulefree einops natsort "
                   "simple-parsing docstring-parser` to time it side by side)")
@@ -115,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--buffer-rows", type=int, default=1 << 17)
+    add_kinds_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if a.kinds:
+            return main_kinds(a, tmp)
         if a.store:
             store = Store.open(a.store)
             hook = a.hook or store.hooks[0]
@@ -131,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store {store.path}: {store.n_tokens:,} rows, d={store.d_model}, hook {hook}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         bench_speed(store, hook, a, tmp)
+    return 0
+
+
+def main_kinds(a: argparse.Namespace, tmp: Path) -> int:
+    if a.store:
+        store = Store.open(a.store)
+        hook, target, hooks = a.hook or store.hooks[0], a.target, [h for h in a.hooks.split(",") if h]
+    else:
+        print(f"writing a synthetic store (d=576, {a.tokens:,} rows, float16, hook points {IN}, {OUT}, "
+              f"{LAYERS[0]}…{LAYERS[-1]})…")
+        store = synthetic_kinds_store(str(tmp / "kinds.zarr"), n_tokens=a.tokens)
+        hook, target, hooks = IN, OUT, LAYERS
+    print(f"store {store.path}: {store.n_tokens:,} rows, d={store.d_model}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    bench_kinds(store, hook, target, hooks, a.k, a.expansion, a.batch_size, a.reps, tmp)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
 

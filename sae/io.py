@@ -196,17 +196,6 @@ def sae_summary(sae_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "output_hook_points": outs}
 
 
-def check_store_match(cfg: dict[str, Any], store: Any, sae_dir: str | os.PathLike[str]) -> str:
-    """The hook point to read for a one-input dictionary (an SAE or transcoder), after check_store_points.
-
-    A crosscoder reads several: its commands call check_store_points; the rest refuse it here."""
-    ins, _ = check_store_points(cfg, store, sae_dir)
-    if len(ins) != 1:
-        raise UserError(f"the crosscoder in {str(sae_dir)!r} reads {len(ins)} hook points ({', '.join(ins)}); this "
-                        f"command takes a dictionary of one hook point (an SAE or transcoder)")
-    return ins[0]
-
-
 def check_store_points(cfg: dict[str, Any], store: Any, sae_dir: str | os.PathLike[str]
                        ) -> tuple[list[str], list[str]]:
     """(hook points read, hook points written) for this dictionary, after checking the store holds them

@@ -88,12 +88,12 @@ def test_transcoder_recovers_a_planted_sparse_map(store, planted, tmp_path):
     assert ev["fvu"] == pytest.approx(m["heldout_fvu"], rel=1e-3) and ev["target_hook_point"] == OUT
     # `features` reads the latents at the input positions: its counts equal encoding the input rows
     from analysis.features import feature_stats
-    from sae.io import check_store_match, read_cfg
-    hook = check_store_match(read_cfg(tmp_path / "t"), store, tmp_path / "t")
-    st = feature_stats(sae, store, hook, split="heldout", top=4, samples=4, window=2, block_rows=1000)
+    from sae.io import check_store_points, read_cfg
+    ins, outs = check_store_points(read_cfg(tmp_path / "t"), store, tmp_path / "t")
+    st = feature_stats(sae, store, ins[0], split="heldout", top=4, samples=4, window=2, block_rows=1000)
     with torch.no_grad():
         f = sae.encode(torch.from_numpy(store.activations(IN)[store.split_mask("heldout")]))
-    assert hook == IN and st.count.sum() > 0 and torch.equal(st.count, (f > 0).sum(0))
+    assert (ins, outs) == ([IN], [OUT]) and st.count.sum() > 0 and torch.equal(st.count, (f > 0).sum(0))
 
 
 def test_skip_transcoder_learns_the_dense_part(store, tmp_path):
@@ -126,11 +126,14 @@ def test_crosscoder_recovers_features_planted_across_layers(store, planted, tmp_
     assert len(ev["layer_fvu"]) == 2 and max(ev["layer_fvu"]) < 0.15, ev
     assert ev["fvu"] == pytest.approx(np.mean(ev["layer_fvu"])) == pytest.approx(m["heldout_fvu"], rel=1e-3)
     assert m["heldout_layer1_fvu"] == pytest.approx(ev["layer_fvu"][1], rel=1e-3)
-    # commands of one hook point (features) refuse it in one line
-    from sae.io import check_store_match, read_cfg
-    from saeforge.errors import UserError
-    with pytest.raises(UserError, match="reads 2 hook points .*this command takes a dictionary of one hook point"):
-        check_store_match(read_cfg(tmp_path / "c"), store, tmp_path / "c")
+    # `features` reads the shared code of both layers side by side: its counts and top values equal encoding them
+    from analysis.features import feature_stats
+    st = feature_stats(sae, store, [IN, L1], split="heldout", top=3, samples=4, window=2, block_rows=1000)
+    held = store.split_mask("heldout")
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(np.concatenate([store.activations(h)[held] for h in (IN, L1)], 1)))
+    assert st.count.sum() > 0 and torch.equal(st.count, (f > 0).sum(0))
+    assert torch.allclose(st.max_act, f.max(0).values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -113,6 +113,11 @@
     if (a >= 100) return v.toFixed(0);
     return a >= 1e-3 ? String(Number(v.toPrecision(3))) : v.toExponential(1);
   }
+  // where the dictionary reads: one hook point, or a crosscoder's hook points
+  function hookPoints(m) {
+    const sae = m.sae || {};
+    return sae.hook_point || (sae.hook_points || []).join(" + ") || null;
+  }
   function pct(v) { return v === 0 ? "0" : v >= 1e-5 ? Number((100 * v).toPrecision(3)) + "%" : (100 * v).toExponential(1) + "%"; }
   function fail(msg) { const s = document.getElementById("status"); s.hidden = false; s.className = "error"; s.textContent = msg; }
   function tokStr(id) {
@@ -361,7 +366,7 @@
         " · token-list label " + (Number.isNaN(ls) ? "–" : ls.toFixed(2)) }));
     }
     const m = st.index;
-    parts.push(el("p", { cls: "meta", text: [m.sae && m.sae.hook_point, m.model, m.sae && m.sae.architecture,
+    parts.push(el("p", { cls: "meta", text: [hookPoints(m), m.model, m.sae && m.sae.architecture,
       "d_sae=" + n].filter(Boolean).join(" · ") }));
     const count = pick(t, "count", j)[0], rows = (m.store && m.store.rows_counted) || "?";
     const statTable = el("table", { cls: "stats" }, [
@@ -383,6 +388,8 @@
         }));
       };
       const lr = pick(t, "logit_range", j), lh = Array.from(pick(t, "logit_hist", j)), lw = (lr[1] - lr[0]) / lh.length;
+      const from = m.sae && m.sae.logits_from;  // a transcoder's target, a crosscoder's last layer
+      if (from && from !== hookPoints(m)) parts.push(el("p", { cls: "meta logits-from", text: "logits of the decoder into " + from }));
       parts.push(el("div", { cls: "flex" }, [
         el("div", {}, [el("h2", { text: "Positive logits" }), logitTable(pick(t, "pos_ids", j), pick(t, "pos_values", j), "pos")]),
         el("div", {}, [el("h2", { text: "Negative logits" }), logitTable(pick(t, "neg_ids", j), pick(t, "neg_values", j), "neg")]),
@@ -573,7 +580,7 @@
     let dead = 0;
     for (let i = 0; i < n; i++) { dens[i] = cnt[i] / rowsN; if (!(cnt[i] > 0)) dead++; }
     m.columns.density = dens;
-    const hp = m.sae && m.sae.hook_point;
+    const hp = hookPoints(m);
     document.getElementById("meta").textContent = [m.model, hp, m.sae && m.sae.architecture, "d_sae=" + n,
       m.store ? (m.store.rows_counted + " tokens [" + m.store.split + "]") : null].filter(Boolean).join(" · ");
     document.title = "saeforge latents " + (hp || "");
