@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from collect.hooks import forward_to
-from collect.layers import discover_layout, parse_hook_points
+from collect.layers import discover_layout, output_module, parse_hook_points
 from collect.model import LoadedModel, load_model, max_positions, resolve_spec
 from saeforge.errors import UserError
 
@@ -64,7 +64,8 @@ class TorchBackend:
         return {"backend": "torch", "model_hash": self.loaded.weights_hash,
                 "model_class": type(self.loaded.model).__name__,
                 "tokenizer": getattr(tok, "name_or_path", "") or self.loaded.spec,
-                "hook_modules": {p.name: p.module for p in self.points}, "n_layers": self.n_layers}
+                "hook_modules": {p.name: p.module for p in self.points},
+                "hook_outputs": {p.name: output_module(self.layout, p) for p in self.points}, "n_layers": self.n_layers}
 
 
 class LlamaCppBackend:

@@ -266,6 +266,20 @@ def resolve_hook_point(layout: Layout, point: str) -> HookPoint:
     return HookPoint(name, parts[i], i, site == "mlp_in")
 
 
+def output_module(layout: Layout, point: HookPoint) -> str | None:
+    """The module whose output is this hook point's tensor (None if none is): what tools that hook
+    module outputs by name (SAELens's HF loader) need. mlp_in is the output of the norm in front of
+    the MLP, resid_pre of block i > 0 the output of block i − 1; resid_mid and resid_pre of block 0
+    are no module's output."""
+    if not point.reads_input:
+        return point.module
+    if point.site == "mlp_in":
+        return layout.mlp_norm[point.layer] if layout.mlp_norm else None
+    if point.site == "resid_pre" and point.layer > 0:
+        return layout.blocks[point.layer - 1]
+    return None
+
+
 def parse_hook_points(layout: Layout, points: str | list[str]) -> list[HookPoint]:
     """Resolve a comma-separated list or list of hook points; duplicates after resolution are dropped."""
     items = [p for p in (points.split(",") if isinstance(points, str) else points) if p.strip()]

@@ -58,7 +58,8 @@ def write_synthetic_store(path: str, n_tokens: int = 16384, d: int = 32, n_featu
     plan = ShardPlan.for_rows(context, d * 4 * len(by_hook), shard_rows=shard_rows)
     attrs = {"hook_points": list(by_hook), "d_model": d, "dtype": dtype, "context": context, "model": "synthetic",
              "model_hash": "synthetic-0", "tokenizer": "none", "corpus": "synthetic", "config": {},
-             "prepend_bos": False, "hook_modules": {h: "model.layers.0" for h in by_hook}, "model_class": "synthetic"}
+             "prepend_bos": False, "hook_modules": {h: "model.layers.0" for h in by_hook},
+             "hook_outputs": {h: "model.layers.0" for h in by_hook}, "model_class": "synthetic"}
     w = StoreWriter(path, attrs, plan)
     seq = np.arange(n_tokens) // context
     keep = (np.arange(n_tokens) % drop_every) != 0

@@ -523,7 +523,7 @@ class Trainer:
         if self.cfg.target:
             points["target_hook_point"] = self.cfg.target
         store_keys = ("model", "model_hash", "model_class", "tokenizer", "context", "corpus", "d_model", "dtype",
-                      "prepend_bos", "hook_modules")
+                      "prepend_bos", "hook_modules", "hook_outputs")
         meta = {**points, "model": self.store.model_spec, "model_hash": self.store.model_hash,
                 "store": str(self.cfg.store), "training_tokens": self.step * self.cfg.batch_size,
                 "lr": m.spec.lr, "optimizer": m.spec.optimizer, "seed": m.spec.seed,

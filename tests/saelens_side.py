@@ -1,5 +1,6 @@
 """Run by a side virtualenv's python that has sae-lens installed (see .ci/run):
-load a SAELens folder, encode and decode x.npy, write f.npy and xhat.npy beside it."""
+load a SAELens folder, encode and decode x.npy, write f.npy, xhat.npy (decode) and out.npy (forward,
+which includes a skip-transcoder's skip term) beside it; prints the loaded class's name."""
 import sys
 
 import numpy as np
@@ -13,4 +14,5 @@ with torch.no_grad():
     f = sae.encode(x)
     np.save(f"{work}/f.npy", f.numpy())
     np.save(f"{work}/xhat.npy", sae.decode(f).numpy())
+    np.save(f"{work}/out.npy", sae(x).numpy())
 print(type(sae).__name__)

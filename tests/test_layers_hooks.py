@@ -235,3 +235,36 @@ def test_editing_resid_mid_reaches_the_residual_and_mlp_in_only_the_mlp(model):
         again = model(input_ids=ids).logits
     torch.testing.assert_close(at_mid, at_attn, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, clean, rtol=0, atol=0)
+
+
+def test_output_module_outputs_the_hook_points_tensor(model):
+    """What the store records as `hook_outputs` (for SAELens export): the named module's output is the
+    captured tensor of mlp_in, resid_pre of block 1 and the module-output sites; resid_mid is None, and
+    so is a parallel block's mlp_in (its norm is not located: export refuses rather than name a wrong one)."""
+    from collect.layers import output_module
+    layout = discover_layout(model)
+    ids = _ids()
+    points = ["layers.1.resid_pre", "layers.1.mlp_out", "layers.1.resid_post"]
+    if layout.parallel:
+        assert output_module(layout, resolve_hook_point(layout, "layers.1.mlp_in")) is None
+    else:
+        points.append("layers.1.mlp_in")
+    with capture(model, points, layout=layout) as got:
+        model(ids)
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for p in points:
+        name = output_module(layout, resolve_hook_point(layout, p))
+        assert name is not None, p
+        handles.append(model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, p=p: outs.__setitem__(p, (o[0] if isinstance(o, tuple) else o).detach().clone())))
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for p in points:
+        torch.testing.assert_close(outs[p], got[p], msg=p)
+    if not layout.parallel:
+        assert output_module(layout, resolve_hook_point(layout, "layers.1.resid_mid")) is None
+    assert output_module(layout, resolve_hook_point(layout, "layers.0.resid_pre")) is None

@@ -120,15 +120,60 @@ def test_saelens_loads_export_with_same_encode_decode(trained, tmp_path, arch):
         assert torch.allclose(ours.decode(f_ours), x_theirs, atol=1e-5)
 
 
-def test_export_of_a_transcoder_is_refused_in_one_line(store, tmp_path, capsys):
-    """The synthetic store has one hook; a cfg.json of kind transcoder (saved by saeforge) is refused."""
-    d = tmp_path / "tc"
+@pytest.fixture(scope="module")
+def transcoders(tmp_path_factory):
+    """BatchTopK transcoder and skip-transcoder (and a TopK one) on a planted map mlp_in → mlp_out."""
+    from sae.synthetic import planted_dictionary, planted_rows
+    root = tmp_path_factory.mktemp("tc")
+    dx, ox = planted_dictionary(16, 32, seed=1)
+    dy, oy = planted_dictionary(16, 32, seed=2)
+    x, y = planted_rows(8192, [dx, dy], [ox, oy], active=3)
+    st = write_synthetic_store(str(root / "t.zarr"), n_tokens=8192, d=16, context=64, shard_rows=1024,
+                               rows={"layers.0.mlp_in": x, "layers.0.mlp_out": y})
+    out = {}
+    for name, extra in (("batchtopk", []), ("batchtopk_skip", ["--skip"]), ("topk", [])):
+        arch = name.split("_")[0]
+        assert _train(st, root / name, "--hook", "layers.0.mlp_in", "--target", "layers.0.mlp_out", "--arch", arch,
+                      "--wandb", "disabled", *extra) == 0
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name,cls", [("batchtopk", "JumpReLUTranscoder"), ("batchtopk_skip", "JumpReLUSkipTranscoder")])
+def test_saelens_loads_an_exported_transcoder_with_same_outputs(transcoders, tmp_path, name, cls):
+    py = _saelens_python()
+    assert dispatch(["export", str(transcoders[name]), "--out", str(tmp_path / "sl")]) == 0
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["d_out"] == 16 and cfg["apply_b_dec_to_input"] is False
+    assert cfg["metadata"]["saeforge_target_hook_point"] == "layers.0.mlp_out" and cfg["metadata"]["hook_name_out"]
+    ours = load_sae(transcoders[name])
+    x = torch.from_numpy(synthetic_rows(256, 16, 32, 3, seed=5)) * 3
+    np.save(tmp_path / "x.npy", x.numpy())
+    p = subprocess.run([py, str(Path(__file__).with_name("saelens_side.py")), str(tmp_path / "sl"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == cls
+    with torch.no_grad():
+        f, y = ours.encode_decode(x)  # the output includes the skip term
+        assert (f > 0).float().mean() > 0
+        assert torch.allclose(f, torch.from_numpy(np.load(tmp_path / "f.npy")), atol=1e-5)
+        assert torch.allclose(y, torch.from_numpy(np.load(tmp_path / "out.npy")), atol=1e-5)
+        if name.endswith("skip"):  # the skip term is real: without it SAELens's decode alone differs
+            assert not torch.allclose(y, torch.from_numpy(np.load(tmp_path / "xhat.npy")), atol=1e-3)
+
+
+def test_export_of_a_topk_transcoder_or_a_crosscoder_is_refused_in_one_line(transcoders, store, tmp_path, capsys):
+    assert dispatch(["export", str(transcoders["topk"]), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a topk transcoder; SAELens's transcoders are ReLU or JumpReLU" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    d = tmp_path / "cc"  # a cfg.json of kind crosscoder (saved by saeforge) is refused before its weights are read
     assert _train(store, d, "--wandb", "disabled") == 0
     cfg = json.loads((d / "cfg.json").read_text())
-    (d / "cfg.json").write_text(json.dumps({**cfg, "kind": "transcoder"}))
-    assert dispatch(["export", str(d), "--out", str(tmp_path / "x")]) == 2
+    (d / "cfg.json").write_text(json.dumps({**cfg, "kind": "crosscoder"}))
+    assert dispatch(["export", str(d), "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds a transcoder; SAELens export writes sparse autoencoders only" in err and len(err.splitlines()) == 1
+    assert "holds a crosscoder; SAELens has no crosscoder class" in err and len(err.splitlines()) == 1
 
 
 def test_export_errors(tmp_path, capsys):
