@@ -150,7 +150,11 @@ def side_by_side(store: Store, tokens: int, a: argparse.Namespace, x_eval: torch
     names = a.trainers.split(",")
     if "sparsify" in names:
         if sparsify_available():
-            trainers.append(SparsifyDefaults(d, n, a.k))
+            for i, seed in enumerate(int(v) for v in a.sparsify_seeds.split(",")):
+                sp = SparsifyDefaults(d, n, a.k, seed=seed)
+                if i:  # the first seed is the reference of the ratios; the others show the seed spread
+                    sp.name = f"sparsify_seed{seed}"
+                trainers.append(sp)
         else:
             print("(sparsify is not installed: `pip install --no-deps eai-sparsify schedulefree einops natsort "
                   "simple-parsing docstring-parser` to compare with it)")
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainers", default="sparsify,dense-adam,saeforge,cli")
     p.add_argument("--variant", action="append", default=[],
                    help='extra saeforge trainer "name:field=value,…" (TrainConfig fields; lists joined by +)')
+    p.add_argument("--sparsify-seeds", default="0",
+                   help="sparsify's init seeds, comma-separated (the first is the ratios' reference; more show "
+                        "the seed-to-seed spread; saeforge's: --variant NAME:seed=S)")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4096)
