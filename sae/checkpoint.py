@@ -32,17 +32,17 @@ def checkpoint_path(out_dir: str | os.PathLike) -> Path | str:
     return join(out_dir, CHECKPOINT)
 
 
-def checkpoint_exists(out_dir: str | os.PathLike) -> bool:
+def checkpoint_exists(out_dir: str | os.PathLike, name: str = CHECKPOINT) -> bool:
     fs, root = resolve(out_dir)
-    return Path(root, CHECKPOINT).is_file() if fs is None else fs.isfile(f"{root}/{CHECKPOINT}")
+    return Path(root, name).is_file() if fs is None else fs.isfile(f"{root}/{name}")
 
 
-def remove_checkpoint(out_dir: str | os.PathLike) -> None:
+def remove_checkpoint(out_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
     fs, root = resolve(out_dir)
     if fs is None:
-        Path(root, CHECKPOINT).unlink(missing_ok=True)
-    elif fs.isfile(f"{root}/{CHECKPOINT}"):
-        fs.rm_file(f"{root}/{CHECKPOINT}")
+        Path(root, name).unlink(missing_ok=True)
+    elif fs.isfile(f"{root}/{name}"):
+        fs.rm_file(f"{root}/{name}")
 
 
 def shard_checkpoint_name(shard: int, step: int) -> str:
@@ -86,19 +86,15 @@ def _shard_files(out_dir: str | os.PathLike) -> list[tuple[int, int, str]]:
 def remove_shard_checkpoints(out_dir: str | os.PathLike, shard: int | None = None, keep_step: int | None = None
                              ) -> None:
     """Remove shard checkpoint files (of one shard, or all; all but `keep_step`'s)."""
-    fs, root = resolve(out_dir)
     for s, step, name in _shard_files(out_dir):
         if (shard is None or s == shard) and step != keep_step:
-            if fs is None:
-                Path(root, name).unlink(missing_ok=True)
-            else:
-                fs.rm_file(f"{root}/{name}")
+            remove_checkpoint(out_dir, name)
 
 
 def load_shard_checkpoint(out_dir: str | os.PathLike, shard: int, step: int) -> dict[str, Any]:
     """Shard `shard`'s state at `step` (the step checkpoint.pt names)."""
     name = shard_checkpoint_name(shard, step)
-    if not any(n == name for _, _, n in _shard_files(out_dir)):
+    if not checkpoint_exists(out_dir, name):
         raise UserError(f"--resume: {str(join(out_dir, name))!r} is missing: checkpoint.pt of this latent-sharded run "
                         f"is at step {step}, but shard {shard}'s file of that step is not there; copy the whole "
                         f"output directory (every checkpoint.shard*.pt) or start a new run in another --out")

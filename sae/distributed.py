@@ -163,6 +163,7 @@ def broadcast_module(m: torch.nn.Module, group: Any = None) -> None:
             dist.broadcast(t.data, group=group, group_src=0)
 
 
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
+    """All ranks of `group` (default: all) wait here; nothing without a process group."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)

@@ -222,10 +222,10 @@ class Trainer:
         self.scales = list(ck.get("scales", [self.scale]))
         self.wandb_id, self.elapsed = ck.get("wandb_id"), ck.get("elapsed", 0.0)
         for spec, st in zip(self.specs, ck["members"]):
-            sae: SAE | ShardedTopK = build_sae(spec.arch, device=self.device).train()
-            if self.mesh.shards > 1:
-                sae = ShardedTopK(spec.arch, self.mesh.shard_index, self.mesh.shards, self.mesh.shard_group
-                                  ).to(self.device).train()
+            # only this rank's shard is built: the whole SAE need not fit on one device
+            sae: SAE | ShardedTopK = (build_sae(spec.arch, device=self.device) if self.mesh.shards == 1 else
+                                      ShardedTopK(spec.arch, self.mesh.shard_index, self.mesh.shards,
+                                                  self.mesh.shard_group).to(self.device)).train()
             sae.load_state_dict(st["sae"])
             m = self._member(spec, sae)
             m.opt.load_state_dict(st["opt"])
@@ -250,13 +250,12 @@ class Trainer:
                              for m in self.members]}
         if self.mesh.shards == 1:
             return save_checkpoint(self.out, state)
-        import torch.distributed as dist
         s = self.mesh.shard_index
         if s > 0:
             save_shard_checkpoint(self.out, s, self.step, state)
-        dist.barrier(group=self.mesh.shard_group)  # every shard's file exists before checkpoint.pt names it
+        ddp.barrier(self.mesh.shard_group)  # every shard's file exists before checkpoint.pt names it
         path = save_checkpoint(self.out, state) if s == 0 else join(self.out, "checkpoint.pt")
-        dist.barrier(group=self.mesh.shard_group)
+        ddp.barrier(self.mesh.shard_group)
         if s > 0:
             remove_shard_checkpoints(self.out, s, keep_step=self.step)
         return path
