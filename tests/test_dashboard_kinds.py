@@ -32,13 +32,10 @@ N_LOGITS = 6
 def made(smollm2, wikitext_dir, tmp_path_factory):
     """One store of 4 hook points; each kind trained for 4 steps; `saeforge features` on each."""
     from analysis import features_cli
-    from collect.collector import CollectConfig, collect_activations
+    from tests.smollm_stores import paragraph_store
     tmp = tmp_path_factory.mktemp("dkinds")
-    text = (wikitext_dir / "valid.txt").read_text()[:30000]
-    (tmp / "paras.txt").write_text("\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("=")))
-    store = collect_activations(CollectConfig(corpus=str(tmp / "paras.txt"), hooks=[R_IN, R_OUT, R2, R3], context=64,
-                                              max_tokens=1024, heldout_fraction=0.25, shard_rows=256,
-                                              out=str(tmp / "s.zarr"), quiet=True), loaded=smollm2)
+    store = paragraph_store(smollm2, wikitext_dir, tmp, [R_IN, R_OUT, R2, R3], chars=30000, max_tokens=1024,
+                            heldout_fraction=0.25)
     dirs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features_cli, "load_model", lambda spec, *a, **k: smollm2)

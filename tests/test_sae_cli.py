@@ -101,18 +101,26 @@ def _saelens_python() -> str:
     return py
 
 
+def _run_in_saelens(folder: Path, x: torch.Tensor, work: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Load `folder` with sae-lens in the side venv and run it on x: (its class name, {"f": latents,
+    "xhat": decode(f), "out": forward(x)})."""
+    py = _saelens_python()
+    np.save(work / "x.npy", x.numpy())
+    p = subprocess.run([py, str(Path(__file__).with_name("saelens_side.py")), str(folder), str(work)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1], {k: torch.from_numpy(np.load(work / f"{k}.npy"))
+                                               for k in ("f", "xhat", "out")}
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_saelens_loads_export_with_same_encode_decode(trained, tmp_path, arch):
-    py = _saelens_python()
+    _saelens_python()  # skipped (or failed under CI) before any work without the side venv
     assert dispatch(["export", str(trained[arch]), "--out", str(tmp_path / "sl")]) == 0
     ours = load_sae(trained[arch])
     x = torch.from_numpy(synthetic_rows(256, 16, 64, 3, seed=5)) * 3
-    np.save(tmp_path / "x.npy", x.numpy())
-    p = subprocess.run([py, str(Path(__file__).with_name("saelens_side.py")), str(tmp_path / "sl"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    f_theirs = torch.from_numpy(np.load(tmp_path / "f.npy"))
-    x_theirs = torch.from_numpy(np.load(tmp_path / "xhat.npy"))
+    _, theirs = _run_in_saelens(tmp_path / "sl", x, tmp_path)
+    f_theirs, x_theirs = theirs["f"], theirs["xhat"]
     with torch.no_grad():
         f_ours = ours.encode(x)
         assert (f_ours > 0).float().mean() > 0  # a real code, not all zeros
@@ -141,25 +149,22 @@ def transcoders(tmp_path_factory):
 
 @pytest.mark.parametrize("name,cls", [("batchtopk", "JumpReLUTranscoder"), ("batchtopk_skip", "JumpReLUSkipTranscoder")])
 def test_saelens_loads_an_exported_transcoder_with_same_outputs(transcoders, tmp_path, name, cls):
-    py = _saelens_python()
+    _saelens_python()
     assert dispatch(["export", str(transcoders[name]), "--out", str(tmp_path / "sl")]) == 0
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["d_out"] == 16 and cfg["apply_b_dec_to_input"] is False
     assert cfg["metadata"]["saeforge_target_hook_point"] == "layers.0.mlp_out" and cfg["metadata"]["hook_name_out"]
     ours = load_sae(transcoders[name])
     x = torch.from_numpy(synthetic_rows(256, 16, 32, 3, seed=5)) * 3
-    np.save(tmp_path / "x.npy", x.numpy())
-    p = subprocess.run([py, str(Path(__file__).with_name("saelens_side.py")), str(tmp_path / "sl"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip().splitlines()[-1] == cls
+    name_theirs, theirs = _run_in_saelens(tmp_path / "sl", x, tmp_path)
+    assert name_theirs == cls
     with torch.no_grad():
         f, y = ours.encode_decode(x)  # the output includes the skip term
         assert (f > 0).float().mean() > 0
-        assert torch.allclose(f, torch.from_numpy(np.load(tmp_path / "f.npy")), atol=1e-5)
-        assert torch.allclose(y, torch.from_numpy(np.load(tmp_path / "out.npy")), atol=1e-5)
+        assert torch.allclose(f, theirs["f"], atol=1e-5)
+        assert torch.allclose(y, theirs["out"], atol=1e-5)
         if name.endswith("skip"):  # the skip term is real: without it SAELens's decode alone differs
-            assert not torch.allclose(y, torch.from_numpy(np.load(tmp_path / "xhat.npy")), atol=1e-3)
+            assert not torch.allclose(y, theirs["xhat"], atol=1e-3)
 
 
 def test_export_of_a_topk_transcoder_or_a_crosscoder_is_refused_in_one_line(transcoders, store, tmp_path, capsys):

@@ -2,21 +2,17 @@
 global batches; an interrupt on one rank checkpoints and --resume under DDP continues exactly.
 The runs use --data-lanes 2, so each rank reads only the chunks of its half of every batch."""
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sae.config import TrainConfig
 from sae.io import load_sae
 from sae.synthetic import write_synthetic_store
 from sae.trainer import train
+from tests.ddp_helpers import free_port, torchrun_train, train_args, train_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["topk", "relu", "jumprelu"]  # batchtopk selects per rank under DDP (sae/distributed.py)
 # The DDP run sums the same fp32 terms in a different order (two half-batch sums + all_reduce, the
 # variance in float64) and Adam carries that rounding through 20 steps: measured max |Δw| 5e-7 on
@@ -33,26 +29,6 @@ def store(tmp_path_factory):
                                  n_features=64, active=3, context=64, shard_rows=1024)
 
 
-def _args(store, out):
-    return ["--store", store.path, "--out", str(out), "--arch", ",".join(ARCHS), "--k", "3", "--expansion", "4",
-            "--tokens", str(256 * 20), "--batch-size", "256", "--lr", "3e-3", "--dead-tokens", "1024",
-            "--eval-every", "10", "--log-every", "5", "--scale-sample", "2048", "--eval-rows", "256",
-            "--checkpoint-every", "0", "--wandb", "disabled", "--quiet", "--threads", "1", "--data-lanes", "2"]
-
-
-def _cfg(store, out, **kw):
-    return TrainConfig(store=store.path, out=str(out), arch=ARCHS, k=[3], expansion=[4], tokens=256 * 20,
-                       batch_size=256, lr=[3e-3], dead_tokens=1024, eval_every=10, log_every=5,
-                       scale_sample=2048, eval_rows=256, checkpoint_every=0, wandb="disabled", quiet=True,
-                       threads=1, data_lanes=2, **kw)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same(a_dir, b_dir):
     for arch in ARCHS:
         name = f"{arch}_k3_x4" if arch == "topk" else f"{arch}_x4"
@@ -65,16 +41,12 @@ def _same(a_dir, b_dir):
 @pytest.fixture(scope="module")
 def single(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "o"
-    train(_cfg(store, out))
+    train(train_cfg(store, out, ARCHS))
     return out
 
 
 def test_torchrun_two_ranks_match_single_process(store, single, tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "sae", "train", *_args(store, tmp_path / "ddp")]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = torchrun_train(2, train_args(store, tmp_path / "ddp", ARCHS), tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     _same(single, tmp_path / "ddp")
     assert (tmp_path / "ddp" / "topk_k3_x4" / "eval.json").is_file()
@@ -90,17 +62,17 @@ def _worker(rank, port, store_path, out, stop_at):
         if stop_at and rank == 1 and t.step == stop_at:  # one rank is told to stop: all stop there
             t.request_stop()
 
-    res = train(_cfg(st, out, resume=not stop_at), on_step=on_step)
+    res = train(train_cfg(st, out, ARCHS, resume=not stop_at), on_step=on_step)
     assert res.interrupted == bool(stop_at)
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_interrupt_and_resume_is_exact(store, single, tmp_path):
     out = tmp_path / "cut"
-    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 7), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), store.path, str(out), 7), nprocs=2, join=True)
     assert (out / "checkpoint.pt").is_file() and not (out / "topk_k3_x4").exists()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 7
-    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 0), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), store.path, str(out), 0), nprocs=2, join=True)
     assert not (out / "checkpoint.pt").exists()
     _same(single, out)
 
@@ -125,14 +97,9 @@ def test_torchrun_two_ranks_match_single_process_for_a_skip_transcoder(tmp_path)
     st = write_synthetic_store(str(tmp_path / "t.zarr"), n_tokens=8192, d=16, context=64, shard_rows=1024,
                                rows={"layers.0.mlp_in": x, "layers.0.mlp_out": y})
     kw = dict(hook="layers.0.mlp_in", target="layers.0.mlp_out", skip=True)
-    train(TrainConfig(**{**_cfg(st, tmp_path / "one").__dict__, "arch": ["topk"], **kw}))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    args = _args(st, tmp_path / "ddp")
-    args[args.index("--arch") + 1] = "topk"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "sae", "train", *args, "--hook", kw["hook"], "--target", kw["target"], "--skip"]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    train(train_cfg(st, tmp_path / "one", ["topk"], **kw))
+    args = train_args(st, tmp_path / "ddp", ["topk"])
+    p = torchrun_train(2, [*args, "--hook", kw["hook"], "--target", kw["target"], "--skip"], tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_sae(tmp_path / "one").state_dict(), load_sae(tmp_path / "ddp").state_dict()
     assert "W_skip" in a and float(a["W_skip"].abs().max()) > 0

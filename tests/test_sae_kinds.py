@@ -194,13 +194,10 @@ R_IN, R_OUT, R2, R3 = "layers.3.mlp_in", "layers.3.mlp_out", "layers.2.resid_pos
 
 @pytest.fixture(scope="module")
 def real(smollm2, wikitext_dir, tmp_path_factory):
-    from collect.collector import CollectConfig, collect_activations
+    from tests.smollm_stores import paragraph_store
     tmp = tmp_path_factory.mktemp("kreal")
-    text = (wikitext_dir / "valid.txt").read_text()[:60000]
-    (tmp / "paras.txt").write_text("\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("=")))
-    store = collect_activations(CollectConfig(corpus=str(tmp / "paras.txt"), hooks=[R_IN, R_OUT, R2, R3], context=64,
-                                              max_tokens=2048, heldout_fraction=0.3, shard_rows=256,
-                                              out=str(tmp / "s.zarr"), quiet=True), loaded=smollm2)
+    store = paragraph_store(smollm2, wikitext_dir, tmp, [R_IN, R_OUT, R2, R3], chars=60000, max_tokens=2048,
+                            heldout_fraction=0.3)
     common = dict(store=store.path, k=[16], expansion=[2], batch_size=256, tokens=4096, wandb="disabled", quiet=True,
                   scale_sample=1024, warmup_steps=1, eval_rows=256, checkpoint_every=0)
     dirs = {}

@@ -4,21 +4,16 @@ single-process run's; an interrupt checkpoints one file per shard and --resume c
 bad rank counts are refused with one line."""
 import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sae.config import TrainConfig
 from sae.io import load_sae
 from sae.synthetic import write_synthetic_store
 from sae.trainer import train
+from tests.ddp_helpers import free_port, torchrun_train, train_args, train_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 # Two partial decodings summed by all_reduce (and, on the 2 × 2 mesh, the variance in float64 and the
 # gradient average) change the float order; measured max |Δw| after 20 steps is ~1e-6 here, while a
 # wrong shard, selection or gradient moves weights by ≥ 1e-3.
@@ -33,34 +28,6 @@ def store(tmp_path_factory):
                                  n_features=64, active=3, context=64, shard_rows=1024)
 
 
-def _cfg(store, out, **kw):
-    return TrainConfig(store=store.path, out=str(out), arch=["topk"], k=[3], expansion=[4], tokens=256 * 20,
-                       batch_size=256, lr=[3e-3], dead_tokens=1024, eval_every=10, log_every=5,
-                       scale_sample=2048, eval_rows=256, checkpoint_every=0, wandb="disabled", quiet=True,
-                       threads=1, data_lanes=2, **kw)
-
-
-def _args(store, out):
-    return ["--store", store.path, "--out", str(out), "--arch", "topk", "--k", "3", "--expansion", "4",
-            "--tokens", str(256 * 20), "--batch-size", "256", "--lr", "3e-3", "--dead-tokens", "1024",
-            "--eval-every", "10", "--log-every", "5", "--scale-sample", "2048", "--eval-rows", "256",
-            "--checkpoint-every", "0", "--wandb", "disabled", "--quiet", "--threads", "1", "--data-lanes", "2"]
-
-
-def _torchrun(n, args, cwd):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-           "-m", "sae", "train", *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same(a_dir, b_dir):
     a, b = load_sae(a_dir).state_dict(), load_sae(b_dir).state_dict()
     assert set(a) == set(b)
@@ -72,7 +39,7 @@ def _same(a_dir, b_dir):
 @pytest.fixture(scope="module")
 def single(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "o"
-    res = train(_cfg(store, out))
+    res = train(train_cfg(store, out, ["topk"]))
     assert res.metrics["topk_k3_x4"]["dead_fraction"] > 0 or res.metrics["topk_k3_x4"]["heldout_fvu"] < 1
     return out
 
@@ -80,7 +47,7 @@ def single(store, tmp_path_factory):
 @pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_torchrun_latent_sharded_matches_single_process(store, single, tmp_path, ranks):
     """2 ranks: 2 shards; 4 ranks: a 2 × 2 mesh (2 data-parallel ranks, each batch half, × 2 shards)."""
-    p = _torchrun(ranks, [*_args(store, tmp_path / "sh"), "--shard-latents", "2"], tmp_path)
+    p = torchrun_train(ranks, [*train_args(store, tmp_path / "sh", ["topk"]), "--shard-latents", "2"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     _same(single, tmp_path / "sh")  # one ordinary SAE directory, loaded by the ordinary loader
     assert (tmp_path / "sh" / "eval.json").is_file()
@@ -98,7 +65,7 @@ def _worker(rank, port, store_path, out, stop_at, world):
             t.request_stop()
 
     try:
-        res = train(_cfg(st, out, resume=not stop_at, shard_latents=2), on_step=on_step)
+        res = train(train_cfg(st, out, ["topk"], resume=not stop_at, shard_latents=2), on_step=on_step)
         assert res.interrupted == bool(stop_at)
     finally:
         torch.distributed.destroy_process_group()
@@ -106,7 +73,7 @@ def _worker(rank, port, store_path, out, stop_at, world):
 
 def test_sharded_interrupt_and_resume_is_exact(store, single, tmp_path):
     out = tmp_path / "cut"
-    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 7, 2), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), store.path, str(out), 7, 2), nprocs=2, join=True)
     assert (out / "checkpoint.pt").is_file() and (out / "checkpoint.shard1.step7.pt").is_file()
     assert not (out / "sae.safetensors").exists()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -119,10 +86,10 @@ def test_sharded_interrupt_and_resume_is_exact(store, single, tmp_path):
     torch.save({**ck, "world": 4, "config": {**ck["config"], "out": str(bad)}}, bad / "checkpoint.pt")
     before = (bad / "checkpoint.shard1.step7.pt").read_bytes()
     with pytest.raises(Exception, match="latent-sharded over 4 ranks"):
-        mp.spawn(_worker, args=(_free_port(), store.path, str(bad), 0, 2), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), store.path, str(bad), 0, 2), nprocs=2, join=True)
     assert (bad / "checkpoint.shard1.step7.pt").read_bytes() == before
 
-    mp.spawn(_worker, args=(_free_port(), store.path, str(out), 0, 2), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), store.path, str(out), 0, 2), nprocs=2, join=True)
     assert not list(out.glob("checkpoint*"))
     _same(single, out)
 
@@ -134,7 +101,7 @@ def test_sharded_interrupt_and_resume_is_exact(store, single, tmp_path):
 ])
 def test_bad_shard_settings_are_one_line_exit_2(store, tmp_path, capsys, args, msg):
     from saeforge.cli import dispatch
-    code = dispatch(["train", *_args(store, tmp_path / "o"), *args])
+    code = dispatch(["train", *train_args(store, tmp_path / "o", ["topk"]), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and msg in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
@@ -143,9 +110,9 @@ def test_bad_shard_settings_are_one_line_exit_2(store, tmp_path, capsys, args, m
 def test_shard_count_that_does_not_divide_d_sae_is_refused(tmp_path):
     st = write_synthetic_store(str(tmp_path / "odd.zarr"), n_tokens=2048, d=15, n_features=30, active=3,
                                context=64, shard_rows=1024)
-    args = _args(st, tmp_path / "o")
+    args = train_args(st, tmp_path / "o", ["topk"])
     args[args.index("--expansion") + 1] = "1"  # d_sae 15
-    p = _torchrun(2, [*args, "--shard-latents", "2"], tmp_path)
+    p = torchrun_train(2, [*args, "--shard-latents", "2"], tmp_path)
     assert p.returncode != 0 and "exitcode: 2" in p.stderr, p.stderr[-2000:]  # torchrun exits 1 for a rank's 2
     assert "--shard-latents 2 does not divide the dictionary (15 latents" in p.stderr
     assert not (tmp_path / "o").exists()
