@@ -76,13 +76,6 @@ def _check_latent(sae: "SAE", sae_dir: str | Path, latent: int) -> None:
         raise UserError(f"--latent {latent} is out of range: SAE {str(sae_dir)!r} has {n} latents (use 0..{n - 1})")
 
 
-def sae_latent_direction(sae_dir: str | Path, latent: int) -> tuple[torch.Tensor, dict]:
-    """The decoder row `W_dec[latent]` of an SAE directory and its cfg.json (hook_point, d_in, model)."""
-    sae, cfg = _load_sae(sae_dir)
-    _check_latent(sae, sae_dir, latent)
-    return sae.W_dec[latent].detach().float().cpu().clone(), cfg
-
-
 @dataclass
 class SaeLatent:
     """One latent of an SAE module: `encode` reads its activation a(x) with the SAE's own inference rule
@@ -117,20 +110,28 @@ def load_sae_latent(sae_dir: str | Path, latent: int) -> tuple[SaeLatent, dict]:
     return SaeLatent(sae, latent), cfg
 
 
+def latent_directions(sae: "SAE", latent: int, outs: list[str]) -> dict[str, torch.Tensor]:
+    """One latent's decoder row at each hook point the dictionary writes, in its layer order (an SAE's or
+    transcoder's one point; a crosscoder's per-layer slice of the row at each of its layers)."""
+    return {o: sae.decoder_rows(j)[latent].detach().float().cpu().clone() for j, o in enumerate(outs)}
+
+
 def from_sae(model: torch.nn.Module | None, sae_dir: str | Path, latent: int,
              layers: list[str] | None = None) -> SteeringVector:
     """A steering vector from one latent's decoder row, injected where the dictionary writes by default:
     an SAE's hook point, a transcoder's target point; a crosscoder latent is one direction per layer,
     each at its own hook point."""
     from sae.io import dict_points
-    vec, cfg = sae_latent_direction(sae_dir, latent)
+    sae, cfg = _load_sae(sae_dir)
+    _check_latent(sae, sae_dir, latent)
+    vec = sae.W_dec[latent].detach().float().cpu().clone()
     _, outs = dict_points(cfg)
     if len(outs) > 1:
         if layers:
             raise UserError(f"--sae {str(sae_dir)!r} is a crosscoder: latent {latent} writes one direction at each "
                             f"of {','.join(outs)}; drop --layer")
-        d = vec.shape[-1] // len(outs)
-        parts = {o: vec[j * d:(j + 1) * d].clone() for j, o in enumerate(outs)}
+        d = sae.cfg.d_in
+        parts = latent_directions(sae, latent, outs)
         if model is not None:
             parts = {canonical_point(model, o): v for o, v in parts.items()}
             if d != _d_model(model):

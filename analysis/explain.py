@@ -147,10 +147,9 @@ def sample_negatives(doc: dict[str, Any], vocab: list[str], n_contexts: int = 25
                      device: str = "cpu") -> Negatives:
     """`n_contexts` random contexts of the store the features were made from, encoded by their SAE."""
     from collect.store import Store
-    from sae.io import load_sae
+    from sae.io import dict_points, load_sae
     sae_path, store_path = (doc.get("sae") or {}).get("path"), (doc.get("store") or {}).get("path")
-    rec = doc.get("sae") or {}
-    hooks = list(rec.get("hook_points") or ([rec["hook_point"]] if rec.get("hook_point") else []))  # a crosscoder's: all
+    hooks, _ = dict_points(doc.get("sae") or {})  # a crosscoder's: all
     if not sae_path or not store_path or not hooks:
         raise UserError("features.json records no SAE path, store path or hook point; rerun `saeforge features`")
     sae = load_sae(sae_path, device)

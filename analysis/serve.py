@@ -94,13 +94,12 @@ class Live:
         if model is None and want and lm.weights_hash != want:
             raise UserError(f"model {spec!r} now has weights hash {lm.weights_hash[:12]} but the features were made "
                             f"with {want[:12]}; pass --model with the model of the store")
-        rec = doc.get("sae") or {}
-        ins = list(rec.get("hook_points") or ([rec["hook_point"]] if rec.get("hook_point") else []))
+        from sae.io import dict_points
+        ins, outs = dict_points(doc.get("sae") or {})
         if not ins:
             raise UserError(f"{str(features_dir)!r}/features.json records no hook point; rerun `saeforge features`")
         bos = doc.get("prepend_bos")
-        return cls(lm, sae, ins[0], True if bos is None else bool(bos), inputs=ins,
-                   outputs=list(rec.get("output_hook_points") or ins))
+        return cls(lm, sae, ins[0], True if bos is None else bool(bos), inputs=ins, outputs=outs)
 
     # ---- the endpoints ---------------------------------------------------------------------------
 
@@ -167,7 +166,7 @@ class Live:
     def steer(self, latent: Any, coeff: Any, prompt: Any, max_new_tokens: Any = 30, seed: Any = 0,
               temperature: Any = 0.8) -> dict[str, Any]:
         """Base and steered continuations of `prompt`, steering with x + coeff·W_dec[latent] where it writes."""
-        from analysis.directions import SteeringVector, canonical_point
+        from analysis.directions import SteeringVector, canonical_point, latent_directions
         from analysis.steer_apply import steer
         from analysis.steer_eval import encode, generate
         from analysis.steer_sampling import Sampling
@@ -185,8 +184,7 @@ class Live:
         model, tok = self.lm.model, self.lm.tokenizer
         with self.lock:
             assert self.outputs is not None
-            dirs = {canonical_point(model, o): self.sae.decoder_rows(j)[i].detach().float().cpu()
-                    for j, o in enumerate(self.outputs)}
+            dirs = {canonical_point(model, o): v for o, v in latent_directions(self.sae, i, self.outputs).items()}
             point = ",".join(dirs)
             sv = SteeringVector(dirs, {"source": f"sae latent {i}", "source_point": point})
             ids = encode(tok, prompt)

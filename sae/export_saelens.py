@@ -26,7 +26,7 @@ import safetensors.torch
 
 from saeforge.errors import UserError
 from saeforge.urls import join, makedirs, write_bytes, write_json
-from sae.io import load_sae, read_cfg, sae_tensors
+from sae.io import dict_points, load_sae, read_cfg, sae_tensors
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
@@ -100,7 +100,7 @@ def saelens_config(cfg: dict[str, Any], sae_dir: str = "") -> dict[str, Any]:
         "seed": cfg.get("seed", train_cfg.get("seed")),  # this SAE's seed (a sweep's config holds a list)
     }
     if transcoder:
-        target = str(cfg.get("target_hook_point") or (cfg.get("output_hook_points") or [""])[0])
+        target = dict_points(cfg)[1][0]
         meta.update(hook_name_out=_module_output(cfg, target, sae_dir), saeforge_target_hook_point=target)
         out.update(d_out=int(cfg.get("d_out") or cfg["d_in"]), apply_b_dec_to_input=False,
                    hook_name_out=meta["hook_name_out"])
