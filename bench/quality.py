@@ -127,8 +127,9 @@ class Saeforge:
 
     def encoder_decoder(self) -> tuple[Callable, torch.Tensor, torch.Tensor]:
         m = self.tr.members[0]
-        with m.opt.inference_weights():
-            save_sae(m.sae, self.tmp / f"{self.name}_saved", scale=self.tr.scale)
+        with self.tr.inference(m) as sae:
+            assert sae is not None  # one process: never a shard
+            save_sae(sae, self.tmp / f"{self.name}_saved", scale=self.tr.scale)
         sae = load_sae(self.tmp / f"{self.name}_saved")
         return sae.encode, sae.W_dec.detach(), sae.b_dec.detach()
 
