@@ -10,7 +10,7 @@ Loss is the fraction of variance unexplained (FVU): Σ‖x̂−x‖² / Σ‖x�
 
 The same classes make the other dictionary kinds (`ArchConfig` fields):
 - transcoder (`transcoder=True`): reads one hook point and predicts another (y); loss = FVU of y. The
-  input is centred by a fixed buffer `b_in` (the input's median; folded into b_enc at save), not by b_dec,
+  input is centred by a fixed buffer `b_in` (the input's mean, or median with --init-b-dec; folded into b_enc at save), not by b_dec,
   which lives in the target's space. `skip=True` adds a learned linear term x·W_skipᵀ (Paulo et al. 2025).
 - crosscoder (`n_layers=L > 1`, arch "crosscoder"): one TopK code read from and written to L hook points
   (acausal crosscoder, Lindsey et al. 2024): the input is the L activations side by side, [.., L·d_in];
@@ -184,7 +184,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def centre_input(self, b_in: torch.Tensor) -> None:
-        """Set a transcoder's fixed input centre (the input's median)."""
+        """Set a transcoder's fixed input centre (the input's mean or median, --init-b-dec)."""
         typing.cast(torch.Tensor, self.b_in).copy_(b_in)
 
     # ---- training helpers ------------------------------------------------------------------
