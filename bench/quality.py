@@ -117,6 +117,8 @@ class Saeforge:
                 "expansion": str(a.expansion), "tokens": str(tokens), "batch_size": str(a.batch_size),
                 "wandb": "disabled", "quiet": "true", "eval_every": "0", "checkpoint_every": "0",
                 "threads": str(a.threads)}
+        overrides = dict(overrides)
+        self.from_sparsify = overrides.pop("from_sparsify", "") not in ("", "0", "false")
         self.cfg = build_config(TrainConfig, {}, {**base, **overrides})
         self.tr = Trainer(self.cfg)
         self.tr._init_fresh()
@@ -124,6 +126,18 @@ class Saeforge:
 
     def step(self, x: torch.Tensor) -> None:
         self.tr.train_step(x * self.tr.scale)
+
+    @torch.no_grad()
+    def start_from(self, sp: SparsifyDefaults, first: torch.Tensor) -> None:
+        """Take sparsify's initial weights (variant key from_sparsify=1): its encoder, its unit-norm
+        decoder, b_enc 0 and b_dec = the first batch's mean (what sparsify sets on its first step), in
+        our input units: the two trainers then differ only in their steps."""
+        sae, sc = self.tr.members[0].sae, sp.sc
+        W = sc.W_dec.detach()
+        sae.enc.copy_(sc.encoder.weight)
+        sae.b_enc.zero_()
+        sae.W_dec.copy_(W / (W.norm(dim=1, keepdim=True) + torch.finfo(W.dtype).eps))
+        sae.b_dec.copy_(first.mean(0) * self.tr.scale)
 
     def encoder_decoder(self) -> tuple[Callable, torch.Tensor, torch.Tensor]:
         m = self.tr.members[0]
@@ -170,10 +184,17 @@ def side_by_side(store: Store, tokens: int, a: argparse.Namespace, x_eval: torch
     trainers += sf
     secs = {t.name: 0.0 for t in trainers}
     it = iter(ShuffledLoader(store, a.hook, a.batch_size, seed=0))
+    first = next(it)
+    for t in sf:
+        if t.from_sparsify:
+            sp0 = next((p for p in trainers if isinstance(p, SparsifyDefaults)), None)
+            if sp0 is None:
+                raise SystemExit(f"variant {t.name}: from_sparsify=1 needs sparsify in --trainers")
+            t.start_from(sp0, first)
     steps = tokens // a.batch_size
     t_report = time.perf_counter()
     for s in range(steps):
-        x = next(it)
+        x = first if s == 0 else next(it)
         for t in trainers:
             t0 = time.perf_counter()
             t.step(x)
@@ -228,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="200000,400000,1200000", help="training tokens, comma-separated")
     p.add_argument("--trainers", default="sparsify,dense-adam,saeforge,cli")
     p.add_argument("--variant", action="append", default=[],
-                   help='extra saeforge trainer "name:field=value,…" (TrainConfig fields; lists joined by +)')
+                   help='extra saeforge trainer "name:field=value,…" (TrainConfig fields; lists joined by +; '
+                        'from_sparsify=1 starts it from sparsify\'s initial weights)')
     p.add_argument("--sparsify-seeds", default="0",
                    help="sparsify's init seeds, comma-separated (the first is the ratios' reference; more show "
                         "the seed-to-seed spread; saeforge's: --variant NAME:seed=S)")
