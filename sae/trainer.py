@@ -5,8 +5,9 @@ loss, decoder-gradient projection, grad clip, the optimizer step (sae/optim.py) 
 schedule and dead-latent counters. Evaluation and saving use the weights the optimizer means for
 inference (the averaged ones for schedule-free optimizers, formed from the parameters as the last
 step left them: renormalising before the forward rather than after the step, as sparsify does,
-scores 0.1695 held-out FVU against 0.1708 from one shared init in README's bench). Checkpoints every N tokens and on SIGINT/SIGTERM hold everything needed
-for `--resume` to end with the same weights as an uninterrupted run.
+scored 0.1695 held-out FVU against 0.1708 from one shared init; README, Performance). Checkpoints
+every N tokens and on SIGINT/SIGTERM hold everything needed for `--resume` to end with the same
+weights as an uninterrupted run.
 
 Under torchrun the ranks train data-parallel (sae/distributed.py); with `--shard-latents N` each SAE's
 latents are split across N ranks (sae/sharded.py) and the rest of the ranks are data-parallel over

@@ -245,8 +245,8 @@ def test_signum_schedulefree_matches_the_schedulefree_wrapper():
 def test_decoder_is_renormalised_before_the_forward_so_the_average_uses_the_step_s_y(store, tmp_path):
     """sparsify's order: W_dec rows are set to unit norm before each forward, so the parameters keep y as
     the optimizer step left it and schedule-free's average x = lerp(y, z, 1 − 1/β) is formed from that y.
-    (bench/quality.py: 0.1695 held-out FVU in this order against 0.1708 renormalising after the step, from
-    one shared init.) A hand-written loop in that order reproduces the trainer's inference weights."""
+    (README, Performance: 0.1695 held-out FVU in this order against 0.1708 renormalising after the step,
+    from one shared init, in diagnostic runs on bench/quality.py's batches.) A hand-written loop in that order reproduces the trainer's inference weights."""
     import copy
 
     from sae.optim import TrainOptimizer
