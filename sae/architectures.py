@@ -147,6 +147,14 @@ class SAE(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.centre(x), self.enc, self.b_enc)
 
+    def kernel_input(self, x: torch.Tensor, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(xc, centre) for the sparse kernels. An autoencoder on constant inputs passes xc detached and
+        b_dec as the centre: the kernel then returns b_dec's gradient as one matrix-vector product rather
+        than a per-row input gradient it would sum (sparse_ops.SparseAutoencode)."""
+        if self.cfg.transcoder or x.requires_grad or not self.b_dec.requires_grad:
+            return xc, None
+        return xc.detach(), self.b_dec
+
     def skip_term(self, x: torch.Tensor) -> torch.Tensor | None:
         """x·W_skipᵀ for a skip-transcoder (None otherwise)."""
         return F.linear(x, self.W_skip) if self.cfg.skip else None
@@ -269,7 +277,8 @@ class TopKSAE(SAE):
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 var: torch.Tensor | None = None) -> SAEOutput:
         xc = self.centre(x)
-        codes, recon, pre = topk_autoencode(xc, self.enc, self.b_enc, self.W_dec, self.cfg.k)
+        kx, centre = self.kernel_input(x, xc)
+        codes, recon, pre = topk_autoencode(kx, self.enc, self.b_enc, self.W_dec, self.cfg.k, centre=centre)
         return _with_aux(self, x, xc, _output(self, recon, x), codes, pre, dead_mask, target, var)
 
 
@@ -279,7 +288,7 @@ def _output(sae: SAE, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return recon + sae.b_dec if skip is None else recon + sae.b_dec + skip
 
 
-def _aux_term(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor | None,
+def _aux_term(sae: SAE, x: torch.Tensor, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor | None,
               residual: torch.Tensor, var: torch.Tensor) -> torch.Tensor | None:
     """AuxK: the top aux_k dead latents reconstruct the residual (no b_dec), as a fraction of var."""
     if dead_mask is None or not sae.training:
@@ -288,13 +297,14 @@ def _aux_term(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Te
     if sync_free(xc):
         # no host sync (CUDA): AuxK always runs over the top min(aux_k, d_sae) masked latents and is
         # weighted min(n_dead/aux_k, 1), so 0 when none is dead; otherwise as below
-        _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, min(aux_k, sae.cfg.d_sae), mask=dead_mask,
-                                      pre=pre)
+        kx, centre = sae.kernel_input(x, xc)
+        _, e_hat, _ = topk_autoencode(kx, sae.enc, sae.b_enc, sae.W_dec, min(aux_k, sae.cfg.d_sae), mask=dead_mask,
+                                      pre=pre, centre=centre)
         return (dead_mask.sum() / aux_k).clamp(max=1.0) * layer_fvu(e_hat, residual.detach(), var)
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return None
-    e_hat = _aux_decode(sae, xc, pre, dead_mask, min(aux_k, n_dead))
+    e_hat = _aux_decode(sae, x, xc, pre, dead_mask, min(aux_k, n_dead))
     return min(n_dead / aux_k, 1.0) * layer_fvu(e_hat, residual.detach(), var)
 
 
@@ -311,7 +321,7 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
     full = layer_fvu(recon, y, var)
     loss_fvu = full if loss_fvu is None else loss_fvu
     loss = loss_fvu
-    aux = _aux_term(sae, xc, pre, dead_mask, y - recon, var)
+    aux = _aux_term(sae, x, xc, pre, dead_mask, y - recon, var)
     if aux is not None:
         loss = loss + sae.cfg.aux_coef * aux
     else:
@@ -320,7 +330,8 @@ def _with_aux(sae: SAE, x: torch.Tensor, xc: torch.Tensor, recon: torch.Tensor, 
     return SAEOutput(recon, loss, out_terms, codes.l0().detach(), codes.fire_counts(), codes)
 
 
-def _aux_decode(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> torch.Tensor:
+def _aux_decode(sae: SAE, x: torch.Tensor, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor,
+                k_aux: int) -> torch.Tensor:
     """Decoding (no b_dec) of each row's top k_aux dead latents.
 
     When most dead latents are picked in every row (k_aux close to the number dead), the codes are
@@ -329,7 +340,8 @@ def _aux_decode(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.
     """
     dead_idx = dead_mask.nonzero().squeeze(1)
     if 4 * k_aux < len(dead_idx):
-        _, e_hat, _ = topk_autoencode(xc, sae.enc, sae.b_enc, sae.W_dec, k_aux, mask=dead_mask, pre=pre)
+        kx, centre = sae.kernel_input(x, xc)
+        _, e_hat, _ = topk_autoencode(kx, sae.enc, sae.b_enc, sae.W_dec, k_aux, mask=dead_mask, pre=pre, centre=centre)
         return e_hat
     with torch.no_grad():
         sub = pre.index_select(1, dead_idx)
@@ -338,8 +350,9 @@ def _aux_decode(sae: SAE, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.
             keep.scatter_(1, sub.topk(k_aux, dim=1, sorted=False).indices, True)
         else:
             keep.fill_(True)
-    acts = F.relu(F.linear(xc, sae.enc[dead_idx], sae.b_enc[dead_idx])) * keep
-    return acts @ sae.W_dec[dead_idx]
+    # sparse row gradients: a full-size zero gradient per parameter would cost more than these matmuls
+    acts = F.relu(F.linear(xc, F.embedding(dead_idx, sae.enc, sparse=True), sae.b_enc[dead_idx])) * keep
+    return acts @ F.embedding(dead_idx, sae.W_dec, sparse=True)
 
 
 class BatchTopKSAE(SAE):
@@ -360,7 +373,8 @@ class BatchTopKSAE(SAE):
         b = x.shape[0]
         rows, cols, gathered, pre = self._select(xc)
         offsets = _starts(rows, b)
-        codes, recon = sparse_autoencode(xc, self.enc, self.b_enc, self.W_dec, cols, offsets, gathered, b)
+        kx, centre = self.kernel_input(x, xc)
+        codes, recon = sparse_autoencode(kx, self.enc, self.b_enc, self.W_dec, cols, offsets, gathered, b, centre)
         return _with_aux(self, x, xc, _output(self, recon, x), codes, pre, dead_mask, target, var)
 
     @torch.no_grad()

@@ -52,6 +52,18 @@ def test_topk_encode_decode_grads_match_dense():
 
 
 
+def test_centre_gradient_equals_the_summed_input_gradient():
+    """With `centre` (xc = x − centre, x constant) the kernel returns the centre's gradient as one
+    matrix-vector product; it equals the dense reference, as does every other gradient."""
+    x, enc, b_enc, W, b_dec = _params(seed=5)
+    x = x.detach()
+    codes, recon, _ = topk_autoencode((x - b_dec).detach(), enc, b_enc, W, 6, centre=b_dec)
+    out = recon + b_dec
+    ref = _dense_topk_loss(x, enc, b_enc, W, b_dec, 6)
+    assert torch.allclose(out, ref)
+    _assert_same_grads(out, ref, (enc, b_enc, W, b_dec))
+
+
 def _assert_same_grads(out: torch.Tensor, ref: torch.Tensor, params: tuple) -> None:
     """Backpropagating one random cotangent through both gives the same gradient for every input."""
     gout = torch.randn_like(out)
@@ -137,11 +149,34 @@ def test_auxk_dense_and_sparse_paths_agree_with_reference():
     for n_dead, k_aux in ((40, 5), (8, 6), (8, 8)):  # sparse path, dense subset path, all dead picked
         dead = torch.zeros(60, dtype=torch.bool)
         dead[torch.randperm(60)[:n_dead]] = True
-        got = _aux_decode(sae, xc, pre, dead, k_aux)
+        got = _aux_decode(sae, x, xc, pre, dead, k_aux)
         ref = _dense_topk_loss(x, sae.enc, sae.b_enc, sae.W_dec, sae.b_dec, k_aux, dead) - sae.b_dec
         assert torch.allclose(got, ref, atol=1e-10)
         ps = list(sae.parameters())
         gout = torch.randn_like(got)
         for a, b in zip(torch.autograd.grad(got, ps, gout, allow_unused=True),
                         torch.autograd.grad(ref, ps, gout, allow_unused=True)):
+            a = a.to_dense() if a is not None and a.is_sparse else a  # the dense path's row gradients are sparse
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10)
+
+
+def test_training_step_with_few_dead_latents_leaves_dense_gradients_equal_to_the_reference():
+    """AuxK's dense-subset path gives sparse row gradients; added to the main term's, every parameter
+    ends with a dense gradient equal to that of the loss written densely (what the optimizer steps on)."""
+    torch.manual_seed(0)
+    sae = TopKSAE(ArchConfig("topk", d_in=12, d_sae=60, k=3, aux_coef=0.5)).double()
+    x = torch.randn(32, 12, dtype=torch.float64)
+    dead = torch.zeros(60, dtype=torch.bool)
+    dead[:6] = True  # k_aux = 6 of 6 dead: the dense-subset path
+    out = sae(x, dead_mask=dead)
+    out.loss.backward()
+    got = [p.grad for p in sae.parameters()]
+    assert all(g.layout == torch.strided for g in got)
+    sae.zero_grad()
+    var = (x - x.mean(0)).pow(2).sum()
+    recon = _dense_topk_loss(x, sae.enc, sae.b_enc, sae.W_dec, sae.b_dec, 3)
+    e_hat = _dense_topk_loss(x, sae.enc, sae.b_enc, sae.W_dec, sae.b_dec, 6, dead) - sae.b_dec
+    ref = (recon - x).pow(2).sum() / var + 0.5 * (e_hat - (x - recon).detach()).pow(2).sum() / var
+    assert torch.allclose(out.loss, ref)
+    for a, b in zip(got, torch.autograd.grad(ref, list(sae.parameters()))):
+        assert torch.allclose(a, b, atol=1e-10)
